@@ -1,0 +1,464 @@
+"""
+A recurrent-depth language model in one file: the architecture of Geiping et al. 2025, "Scaling up
+Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach" (released as Huginn-0125).
+
+    e   = P(x)                   prelude: embed the tokens, then n_prelude blocks
+    s_0 = random (or zeros)      the initial latent state
+    s_i = R(e, s_{i-1})          core block: adapter(cat[s, e]), then n_core blocks; i = 1..num_steps
+    p   = C(ln_f(s_r))           coda: n_coda blocks, ln_f, the tied lm_head
+
+One set of weights serves any num_steps. Training samples the depth for every step and backpropagates
+through the last backprop_depth iterations only (truncated backprop); at inference the user picks the
+depth, and generate() adds the paper's per-iteration KV cache, adaptive exit, KV-cache sharing and
+warm start.
+"""
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+def precompute_rope(head_dim, block_size, base):
+    """The RoPE table: cos and sin of position * frequency, shape (block_size, head_dim // 2, 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x, rope):
+    """Rotate the adjacent pairs of dims (0,1), (2,3), ... of x (B, T, H, hd), in float32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rope.unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.layer_id = layer_id  # which rows of a KVCache this layer reads and writes
+        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        # the release's only bias: a learned offset added to q and k (index 0 and 1) before RoPE
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim)) if config.qk_bias else None
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, rope, cache=None, step=0):
+        B, T, C = x.shape
+        q, k, v = self.Wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        if self.qk_bias is not None:
+            q, k = q + self.qk_bias[0].to(q.dtype), k + self.qk_bias[1].to(k.dtype)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_id, step, k, v)
+        # without a mask, a prefill is plainly causal and a single decoded token sees every cached key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GatedMLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        a, b = self.fc(x).chunk(2, dim=-1)  # one matmul for both halves
+        return self.proj(F.silu(a) * b)
+
+
+class SandwichBlock(nn.Module):
+    """Norms before and after each sublayer: re-norming the residual stream keeps its scale fixed
+    however many times the core block is applied."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_id)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.norm_3 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = GatedMLP(config)
+        self.norm_4 = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x, rope, cache=None, step=0):
+        x = self.norm_2(x + self.attn(self.norm_1(x), rope, cache, step))
+        return self.norm_4(x + self.mlp(self.norm_3(x)))
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304
+    block_size: int = 256          # longest sequence (the RoPE table's length)
+    n_embd: int = 256
+    n_head: int = 4
+    intermediate_size: int = 704   # hidden width of the gated MLP
+    n_prelude: int = 1
+    n_core: int = 2                # blocks in the core block, applied num_steps times
+    n_coda: int = 1
+    mean_recurrence: int = 8       # mean of the training depth sampler; the default num_steps in eval
+    backprop_depth: int = 4        # iterations that carry gradients (truncated backprop)
+    qk_bias: bool = True
+    rope_base: float = 50000.0
+    norm_eps: float = 1e-6
+    state_init: str = "like-init"  # s_0: "like-init" (truncated normal, as the embeddings) or "zero"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "intermediate_size", "n_core",
+                     "mean_recurrence", "backprop_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("n_prelude", "n_coda"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
+                             "into an even head size (RoPE rotates pairs of dims)")
+        check_state_init(self.state_init)
+
+
+def check_state_init(state_init):
+    if state_init not in ("like-init", "zero"):
+        raise ValueError(f"state_init must be 'like-init' or 'zero' (got {state_init!r})")
+
+
+def check_num_steps(num_steps):
+    """num_steps as an int >= 1, or a ValueError naming it."""
+    try:
+        r = operator.index(num_steps)
+    except TypeError:
+        raise ValueError(f"num_steps must be an integer >= 1 (got {num_steps!r})") from None
+    if r < 1:
+        raise ValueError(f"num_steps must be >= 1 (got {r})")
+    return r
+
+
+class KVCache:
+    """Preallocated keys and values for generate(). Prelude and coda layers keep one row each; every core
+    layer keeps one row per iteration slot, iteration i writing slot i % n_slots. With n_slots = num_steps
+    each iteration has its own entry and a token decoded at iteration i attends to the earlier tokens'
+    iteration i (the paper's per-iteration cache); fewer slots share them (KV-cache sharing), so memory
+    stops growing with num_steps."""
+
+    def __init__(self, config, batch_size, max_len, n_slots, valid=None, device=None, dtype=None):
+        self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
+        shape = (self.n_fixed + n_slots * config.n_core, batch_size, config.n_head, max_len,
+                 config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0         # tokens written so far
+        self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
+        self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
+        self.n_pad = None if valid is None else (~valid).sum(1)
+
+    @property
+    def nbytes(self):
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def positions(self, T):
+        """RoPE positions of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
+        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        return pos if self.valid is None else (pos - self.n_pad[:, None]).clamp(min=0)
+
+    def update(self, layer_id, step, k, v):
+        """Store k, v (B, H, T, hd) of the next T tokens; return every key and value so far and the mask."""
+        row = layer_id if layer_id < self.n_fixed else layer_id + (step % self.n_slots) * self.n_core
+        p, T = self.pos, k.size(2)
+        if self.active is not None:  # a row that exited keeps the entry of its last iteration
+            keep = ~self.active.view(-1, 1, 1, 1)
+            k = torch.where(keep, self.k[row, :, :, p:p + T], k)
+            v = torch.where(keep, self.v[row, :, :, p:p + T], v)
+        self.k[row, :, :, p:p + T] = k
+        self.v[row, :, :, p:p + T] = v
+        return self.k[row, :, :, :p + T], self.v[row, :, :, :p + T], self.attn_mask(T)
+
+    def attn_mask(self, T):
+        """None (plain causal) without padding, else (B, 1, T, pos + T): causal and never onto padding."""
+        if self.valid is None:
+            return None
+        causal = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(self.pos)
+        keys = self.valid[:, None, None, :self.pos + T]
+        pad_query = ~self.valid[:, None, self.pos:self.pos + T, None]  # sees itself, so its softmax is finite
+        return causal & (keys | pad_query)
+
+    def advance(self, T, steps=None):
+        """Close the T tokens just written. A row that exited after e < n_slots iterations left slots e..
+        empty: they get its last entry (slot e - 1), which is what later tokens read there."""
+        if steps is not None and int(steps.min()) < self.n_slots:
+            p = self.pos
+            src = torch.minimum(torch.arange(self.n_slots, device=steps.device)[:, None], steps - 1)
+            for buf in (self.k, self.v):
+                core = buf[self.n_fixed:].unflatten(0, (self.n_slots, self.n_core))[..., p:p + T, :]
+                core.copy_(core.gather(0, src[:, None, :, None, None, None].expand_as(core)))
+        self.pos += T
+
+
+def left_pad(prompts, device):
+    """Stack 1-D prompts of different lengths into (B, L), padded on the left, and a mask of real tokens."""
+    L = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, L - len(p):] = p
+        valid[row, L - len(p):] = True
+    return idx, valid
+
+
+class RecurrentGPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d, P, K, C = config.n_embd, config.n_prelude, config.n_core, config.n_coda
+        self.wte = nn.Embedding(config.vocab_size, d)
+        # layer ids count prelude, coda, then core: a KVCache gives the core layers one row per iteration slot
+        self.prelude = nn.ModuleList(SandwichBlock(config, i) for i in range(P))
+        self.adapter = nn.Linear(2 * d, d, bias=False)
+        self.core_block = nn.ModuleList(SandwichBlock(config, P + C + i) for i in range(K))
+        self.coda = nn.ModuleList(SandwichBlock(config, P + i) for i in range(C))
+        self.ln_f = RMSNorm(d, config.norm_eps)  # applied twice: to s_r before the coda, and after it
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings
+        self.register_buffer("freqs_cis", precompute_rope(d // config.n_head, config.block_size, config.rope_base),
+                             persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Truncated normals (at 3 std) scaled for depth: std = sqrt(2 / (5 n_embd)), and the layers that
+        write into the residual stream std / sqrt(2 L_eff), L_eff counting the core mean_recurrence times."""
+        cfg = self.config
+        std = math.sqrt(2 / (5 * cfg.n_embd))
+        out_std = std / math.sqrt(2 * (cfg.n_prelude + cfg.n_coda + cfg.n_core * cfg.mean_recurrence))
+        for name, p in self.named_parameters():
+            if name.endswith(".qk_bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            else:
+                s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
+                nn.init.trunc_normal_(p, 0.0, s, -3 * s, 3 * s)
+                if name.endswith("mlp.fc.weight"):  # as in the release, the gate's linear half is scaled too
+                    h = cfg.intermediate_size
+                    nn.init.trunc_normal_(p[h:], 0.0, out_std, -3 * out_std, 3 * out_std)
+
+    def get_num_params(self):
+        """Parameters counted once (the tied lm_head is the embedding); the core's are reused num_steps times."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- the three stages ----
+
+    def embed(self, idx, rope, cache=None):
+        """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
+        x = self.wte(idx) * math.sqrt(self.config.n_embd)
+        for block in self.prelude:
+            x = block(x, rope, cache)
+        return x
+
+    def initial_state(self, e):
+        """s_0 for the recurrence, read from config.state_init at call time."""
+        check_state_init(self.config.state_init)
+        if self.config.state_init == "zero":
+            return torch.zeros_like(e)
+        std = math.sqrt(2 / (5 * self.config.n_embd))
+        s = nn.init.trunc_normal_(torch.empty(e.shape, device=e.device), 0.0, std, -3 * std, 3 * std)
+        return (s * math.sqrt(self.config.n_embd)).to(e.dtype)
+
+    def core_step(self, s, e, rope, cache=None, step=0):
+        """One iteration s_i = R(e, s_{i-1}): the adapter re-injects the prelude output e every time."""
+        x = self.adapter(torch.cat([s, e], dim=-1))
+        for block in self.core_block:
+            x = block(x, rope, cache, step)
+        return x
+
+    def coda_head(self, s, rope, cache=None):
+        """The coda C on the normed latent, then ln_f again and the tied head; logits in float32."""
+        x = self.ln_f(s)
+        for block in self.coda:
+            x = block(x, rope, cache)
+        return self.lm_head(self.ln_f(x)).float()
+
+    # ---- training ----
+
+    def sample_num_steps(self, generator=None):
+        """The paper's depth sampler: lambda ~ LogNormal(log(mean_recurrence) - sigma^2 / 2, sigma = 0.5),
+        r = Poisson(lambda) + 1, so E[r] = mean_recurrence + 1 with a heavy tail. Pass the same seeded
+        generator on every DDP rank and all ranks run the same depth. Returns (n_no_grad, n_grad)."""
+        sigma = 0.5
+        mu = math.log(self.config.mean_recurrence) - sigma ** 2 / 2
+        lam = torch.empty(1).log_normal_(mu, sigma, generator=generator)
+        r = int(torch.poisson(lam, generator=generator).item()) + 1
+        n_grad = min(r, self.config.backprop_depth)
+        return r - n_grad, n_grad
+
+    def split_num_steps(self, num_steps):
+        """(n_no_grad, n_grad) from num_steps: None (training: sampled; eval: mean_recurrence), an int r
+        (gradients through the last min(r, backprop_depth) iterations) or an explicit pair."""
+        if num_steps is None:
+            if self.training:
+                return self.sample_num_steps()
+            num_steps = self.config.mean_recurrence
+        if isinstance(num_steps, (tuple, list)):
+            n_no_grad, n_grad = num_steps
+            if n_no_grad < 0 or n_grad < 0 or n_no_grad + n_grad < 1:
+                raise ValueError(f"num_steps as a pair (n_no_grad, n_grad) needs both >= 0 and a sum >= 1 "
+                                 f"(got {tuple(num_steps)})")
+            return n_no_grad, n_grad
+        r = check_num_steps(num_steps)
+        n_grad = min(r, self.config.backprop_depth)
+        return r - n_grad, n_grad
+
+    def forward(self, idx, targets=None, num_steps=None):
+        """Logits (B, T, vocab_size) for every position and the mean cross-entropy over targets != -1
+        (None without targets)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        n_no_grad, n_grad = self.split_num_steps(num_steps)
+        rope = self.freqs_cis[:T].unsqueeze(1)
+        e = self.embed(idx, rope)
+        s = self.initial_state(e)
+        with torch.no_grad():  # truncated backprop: the first iterations build no graph, so memory stays flat
+            for _ in range(n_no_grad):
+                s = self.core_step(s, e, rope)
+        for _ in range(n_grad):
+            s = self.core_step(s, e, rope)
+        logits = self.coda_head(s, rope)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; matrices (embedding included) decay, norm weights and qk_bias do not."""
+        params = dict(self.named_parameters())
+        decay = [p for n, p in params.items() if p.dim() >= 2 and not n.endswith(".qk_bias")]
+        no_decay = [p for n, p in params.items() if not (p.dim() >= 2 and not n.endswith(".qk_bias"))]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    # ---- inference ----
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache, num_steps, exit_threshold=None, state=None):
+        """Run the next tokens idx (B, T) through the model, reading and writing the KVCache. Returns the
+        next-token logits (B, vocab_size), the iterations each row used (B,) and each row's final latent
+        state at the last position (B, 1, n_embd)."""
+        B, T = idx.shape
+        rope = self.freqs_cis[cache.positions(T)].unsqueeze(-3)
+        e = self.embed(idx, rope, cache)
+        s = self.initial_state(e) if state is None else state
+        steps = torch.full((B,), num_steps, dtype=torch.long, device=idx.device)
+        active = None if exit_threshold is None else torch.ones(B, dtype=torch.bool, device=idx.device)
+        logp = None
+        for i in range(num_steps):
+            cache.active = active
+            s_next = self.core_step(s, e, rope, cache, i)
+            if active is None:
+                s = s_next
+                continue
+            # adaptive exit: compare the next-token distributions of successive iterations, row by row
+            s = torch.where(active[:, None, None], s_next, s)  # a row that exited keeps its state and answer
+            logp_prev, logp = logp, F.log_softmax(self.coda_head(s, rope, cache)[:, -1], dim=-1)
+            if logp_prev is not None:
+                kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(previous || current)
+                exited = active & (kl < exit_threshold)
+                steps[exited] = i + 1
+                active = active & ~exited
+                if not active.any():
+                    break
+        cache.active = None
+        logits = self.coda_head(s, rope, cache)[:, -1] if exit_threshold is None else logp
+        cache.advance(T, None if exit_threshold is None else steps)
+        return logits, steps, s[:, -1:]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
+                 kv_budget=None, warm_start=False, return_steps=False):
+        """Sample max_new_tokens tokens after idx (B, T), or after each prompt of a list of 1-D LongTensors
+        (left-padded into one batch; each gets exactly what generating it alone gives). Returns the tokens,
+        prompt included ((B, T + max_new_tokens), or a list for a list), and with return_steps also the
+        iterations each new token used (B, max_new_tokens).
+
+        num_steps       iterations of the core block per token (default mean_recurrence)
+        exit_threshold  adaptive exit: a row stops iterating once the KL divergence between the next-token
+                        distributions of two successive iterations is below it (so >= 2 iterations); the
+                        prompt exits too, judged at its last position
+        kv_budget       at most this many iteration slots per core layer in the cache (KV-cache sharing)
+        warm_start      start each token's state from the previous token's final state (continuous CoT)
+
+        The cache is allocated once for prompt + max_new_tokens, which must fit in block_size: unlike
+        nanoGPT, which crops the context, this raises a ValueError (a crop would mean rebuilding the cache)."""
+        prompts = list(idx) if isinstance(idx, (list, tuple)) else None
+        if prompts is not None:
+            if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
+                raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
+            idx, valid = left_pad(prompts, self.freqs_cis.device)
+        B, T = idx.shape
+        num_steps = check_num_steps(self.config.mean_recurrence if num_steps is None else num_steps)
+        if T == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                             f"({self.config.block_size}): shorten one of them")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (got {int(idx.min())}.."
+                             f"{int(idx.max())})")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature})")
+        if exit_threshold is not None and not exit_threshold >= 0:
+            raise ValueError(f"exit_threshold must be >= 0 (got {exit_threshold})")
+        for name, value in (("top_k", top_k), ("kv_budget", kv_budget)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value})")
+        valid = None if prompts is None else F.pad(valid, (0, max_new_tokens), value=True)
+        n_slots = num_steps if kv_budget is None else min(kv_budget, num_steps)
+        cache = KVCache(self.config, B, T + max_new_tokens, n_slots, valid, idx.device, self.wte.weight.dtype)
+        steps = torch.zeros(B, max_new_tokens, dtype=torch.long, device=idx.device)
+        x, state = idx, None
+        for t in range(max_new_tokens):
+            logits, steps[:, t], last = self.forward_cached(x, cache, num_steps, exit_threshold, state)
+            state = last if warm_start else None
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            x = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, x], dim=1)
+        out = idx if prompts is None else [row[T - len(p):] for row, p in zip(idx, prompts)]
+        return (out, steps) if return_steps else out
+
+    @torch.no_grad()
+    def trace(self, idx, num_steps, return_states=False):
+        """A logit lens on the recurrence: the latent after every iteration, decoded through ln_f, the coda
+        and the head. Returns logits (num_steps, B, T, vocab_size), with return_states also the latents
+        (num_steps, B, T, n_embd)."""
+        num_steps = check_num_steps(num_steps)
+        rope = self.freqs_cis[:idx.size(1)].unsqueeze(1)
+        e = self.embed(idx, rope)
+        s = self.initial_state(e)
+        logits, states = [], []
+        for _ in range(num_steps):
+            s = self.core_step(s, e, rope)
+            states.append(s)
+            logits.append(self.coda_head(s, rope))
+        return (torch.stack(logits), torch.stack(states)) if return_states else torch.stack(logits)
