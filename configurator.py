@@ -4,9 +4,10 @@ config files and --key=value flags override them, left to right:
 
     python train.py config/demo.py --batch_size=32 --compile=False
 
-A value takes the type of its default (an int is accepted where a float is expected; a str setting takes
-the text as written; a setting whose default is None takes any Python literal). Any mistake, an unknown
-key, a wrong type, a missing file, stops the script with one line on stderr and exit code 2.
+A value takes the type of its default: a bare --flag sets a bool setting to True, an int is accepted
+where a float is expected, a str setting takes the text as written, and a setting whose default is None
+takes any Python literal. Any mistake (an unknown key, a wrong type, a missing file) stops the script
+with one line on stderr and exit code 2.
 """
 
 import ast
@@ -60,10 +61,12 @@ def configure(defaults, argv=None, usage=""):
             sys.exit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
-            if not eq:
-                die(f"{arg}: flags take the form --key=value")
             if key not in defaults:
                 die(f"unknown setting --{key} (see --help for the settings)")
+            if not eq:
+                if not isinstance(defaults[key], bool):
+                    die(f"{arg}: give a value, --{key}=...")
+                text = "True"  # a bare --flag switches a bool setting on
             config[key] = _convert(key, text, defaults[key], f"--{key}")
         else:
             if not os.path.isfile(arg):

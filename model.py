@@ -15,6 +15,7 @@ warm start.
 
 import math
 import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -160,14 +161,18 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, n_slots, valid=None, device=None, dtype=None):
         self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
-        shape = (self.n_fixed + n_slots * config.n_core, batch_size, config.n_head, max_len,
-                 config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(self.shape(config, batch_size, max_len, n_slots), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
         self.pos = 0         # tokens written so far
         self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
         self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
         self.n_pad = None if valid is None else (~valid).sum(1)
+
+    @staticmethod
+    def shape(config, batch_size, max_len, n_slots):
+        """(rows, B, n_head, max_len, head_dim) of the keys, and of the values."""
+        rows = config.n_prelude + config.n_coda + n_slots * config.n_core
+        return rows, batch_size, config.n_head, max_len, config.n_embd // config.n_head
 
     @property
     def nbytes(self):
@@ -222,6 +227,20 @@ def left_pad(prompts, device):
     return idx, valid
 
 
+def read_checkpoint(path):
+    """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
+    can run code. Raises ValueError with one line for a missing, corrupt or foreign file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (no model or model_args)")
+    return checkpoint
+
+
 class RecurrentGPT(nn.Module):
 
     def __init__(self, config):
@@ -258,6 +277,16 @@ class RecurrentGPT(nn.Module):
                 if name.endswith("mlp.fc.weight"):  # as in the release, the gate's linear half is scaled too
                     h = cfg.intermediate_size
                     nn.init.trunc_normal_(p[h:], 0.0, out_std, -3 * out_std, 3 * out_std)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, device=None):
+        """The model saved in a checkpoint dict (see read_checkpoint), in eval mode."""
+        try:
+            model = cls(ModelConfig(**checkpoint["model_args"]))
+            model.load_state_dict(checkpoint["model"])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"the checkpoint does not hold a valid model ({str(e).splitlines()[0]})") from None
+        return model.to(device).eval()
 
     def get_num_params(self):
         """Parameters counted once (the tied lm_head is the embedding); the core's are reused num_steps times."""

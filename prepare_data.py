@@ -41,14 +41,19 @@ def shell_game(rng, n_examples, swaps):
     the cup (token of the digit) that holds the ball after it."""
     games = []
     for n in rng.choice(swaps, size=n_examples):
-        moves = rng.integers(0, len(SWAPS), size=n)
-        ball, cups = 1, []
-        for m in moves:
-            i, j = SWAPS[m]
-            ball = j if ball == i else i if ball == j else ball
-            cups.append(FIRST_CUP + ball - 1)
-        games.append(([START] + [FIRST_SWAP + int(m) for m in moves], [-1] + cups))
+        moves = [int(m) for m in rng.integers(0, len(SWAPS), size=n)]
+        games.append(([START] + [FIRST_SWAP + m for m in moves], [-1] + [FIRST_CUP + c - 1 for c in play(moves)]))
     return games
+
+
+def play(moves):
+    """The cup (1..5) that holds the ball after each swap; moves index SWAPS."""
+    ball, cups = 1, []
+    for m in moves:
+        i, j = SWAPS[m]
+        ball = j if ball == i else i if ball == j else ball
+        cups.append(ball)
+    return cups
 
 
 def write(path, array):

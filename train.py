@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, die
-from model import ModelConfig, RecurrentGPT
+from model import ModelConfig, RecurrentGPT, read_checkpoint
 
 # ---- settings: defaults, overridden by config files and --key=value ----
 # I/O
@@ -191,13 +191,11 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 model_args = {k: config[k] for k in MODEL_FIELDS} | dict(vocab_size=meta["vocab_size"])
 checkpoint = None
 if init_from == "resume":
-    if not os.path.isfile(ckpt_path):
-        die(f"no checkpoint to resume from at {ckpt_path}: train with --init_from=scratch first", code=1)
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # plain data, no code
-        saved_args = checkpoint["model_args"]
-    except Exception as e:
-        die(f"{ckpt_path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated", code=1)
+        checkpoint = read_checkpoint(ckpt_path)
+    except ValueError as e:
+        die(str(e), code=1)
+    saved_args = checkpoint["model_args"]
     for key in ("vocab_size", "n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias"):
         if saved_args.get(key) != model_args[key]:
             die(f"resume: {key} is {model_args[key]!r} but the checkpoint in {out_dir} has {saved_args.get(key)!r}; "

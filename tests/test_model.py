@@ -5,14 +5,12 @@ import math
 import pytest
 import torch
 
-from model import ModelConfig, RecurrentGPT
+from conftest import tiny_config
+from model import RecurrentGPT
 
 
 def tiny(**kw):
-    args = dict(vocab_size=64, block_size=32, n_embd=32, n_head=2, intermediate_size=64, n_prelude=1,
-                n_core=2, n_coda=1, mean_recurrence=4, backprop_depth=2)
-    args.update(kw)
-    return ModelConfig(**args)
+    return tiny_config(**{"block_size": 32, **kw})
 
 
 def build(seed=0, **kw):

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny configs, and a tiny model trained for a few seconds on a toy language."""
+
+import pytest
+import torch
+
+from model import ModelConfig, RecurrentGPT
+
+TOY_TEXT = "".join(f"{a}+{b}={a + b};" for a in range(10) for b in range(10))  # a little arithmetic language
+TOY_ITOS = sorted(set(TOY_TEXT))
+
+
+def tiny_config(**kw):
+    args = dict(vocab_size=64, block_size=64, n_embd=32, n_head=2, intermediate_size=64, n_prelude=1,
+                n_core=2, n_coda=1, mean_recurrence=4, backprop_depth=2)
+    args.update(kw)
+    return ModelConfig(**args)
+
+
+@pytest.fixture(scope="session")
+def trained_toy_model():
+    """A tiny model trained with the random depth sampler on TOY_TEXT for a few hundred steps (CPU,
+    seconds). Returns (model in eval mode with state_init="zero", encoded text as a LongTensor)."""
+    torch.manual_seed(0)
+    data = torch.tensor([TOY_ITOS.index(c) for c in TOY_TEXT * 4])
+    model = RecurrentGPT(tiny_config(vocab_size=len(TOY_ITOS), n_embd=48, intermediate_size=96, mean_recurrence=6,
+                                     backprop_depth=3))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        ix = torch.randint(len(data) - 33, (32,), generator=g)
+        x = torch.stack([data[i:i + 32] for i in ix])
+        y = torch.stack([data[i + 1:i + 33] for i in ix])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.config.state_init = "zero"
+    return model, data

@@ -1,0 +1,167 @@
+"""Contracts of generation: the per-iteration KV cache, adaptive exit, KV-cache sharing, warm start,
+prompts of different lengths in one batch, and the logit lens (trace)."""
+
+import pytest
+import torch
+
+import model as model_module
+from conftest import tiny_config
+from model import RecurrentGPT
+
+
+def build(dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    return RecurrentGPT(tiny_config(state_init="zero", **kw)).to(dtype).eval()
+
+
+def greedy_by_recompute(model, idx, n, num_steps):
+    for _ in range(n):
+        logits, _ = model(idx, num_steps=num_steps)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("num_steps", [1, 3, 8])
+def test_cached_greedy_equals_full_recompute(dtype, num_steps):
+    """Decoding with the cache gives exactly the tokens of recomputing the whole forward per token."""
+    model = build(dtype)
+    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    out = model.generate(idx, 16, num_steps=num_steps, top_k=1)
+    assert out.shape == (2, 23)
+    assert torch.equal(out, greedy_by_recompute(model, idx, 16, num_steps))
+
+
+def test_exit_threshold_bounds_the_steps():
+    """Threshold 0 never exits (num_steps for every token); a huge one exits at the first comparison."""
+    model = build()
+    idx = torch.randint(0, 64, (3, 5))
+    _, steps = model.generate(idx, 6, num_steps=8, top_k=1, exit_threshold=0.0, return_steps=True)
+    assert steps.shape == (3, 6) and steps.dtype == torch.long and (steps == 8).all()
+    _, steps = model.generate(idx, 6, num_steps=8, top_k=1, exit_threshold=1e9, return_steps=True)
+    assert (steps == 2).all()  # two iterations are the fewest that can be compared
+    _, steps = model.generate(idx, 6, num_steps=1, top_k=1, exit_threshold=1e9, return_steps=True)
+    assert (steps == 1).all()
+    out_exit0 = model.generate(idx, 6, num_steps=8, top_k=1, exit_threshold=0.0)
+    assert torch.equal(out_exit0, model.generate(idx, 6, num_steps=8, top_k=1))
+
+
+def test_rows_exit_independently_and_keep_their_answer(trained_toy_model):
+    """In one batch, rows stop at different steps, and each gets what it would get alone."""
+    model, data = trained_toy_model
+    idx = torch.stack([data[i:i + 9] for i in (0, 13, 40, 77)])
+    out, steps = model.generate(idx, 12, num_steps=16, top_k=1, exit_threshold=1e-2, return_steps=True)
+    assert len(set(steps.flatten().tolist())) > 1 and steps.max() <= 16
+    for b in range(len(idx)):
+        alone, s = model.generate(idx[b:b + 1], 12, num_steps=16, top_k=1, exit_threshold=1e-2, return_steps=True)
+        assert torch.equal(alone[0], out[b]) and torch.equal(s[0], steps[b])
+
+
+def test_kv_budget_fixes_cache_memory(monkeypatch, trained_toy_model):
+    """kv_budget=4: the same cache memory at num_steps 8 and 32; a budget >= num_steps changes nothing;
+    a trained model's output stays close to the full cache."""
+    sizes = []
+
+    class RecordingCache(model_module.KVCache):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            sizes.append(self.nbytes)
+
+    monkeypatch.setattr(model_module, "KVCache", RecordingCache)
+    model, data = trained_toy_model
+    idx = torch.stack([data[i:i + 6] for i in range(0, 160, 20)])
+    full = model.generate(idx, 24, num_steps=8, top_k=1)
+    shared8 = model.generate(idx, 24, num_steps=8, top_k=1, kv_budget=4)
+    model.generate(idx, 24, num_steps=32, top_k=1, kv_budget=4)
+    model.generate(idx, 24, num_steps=32, top_k=1)
+    assert sizes[1] == sizes[2] and sizes[1] < sizes[0] < sizes[3]
+    assert torch.equal(model.generate(idx, 24, num_steps=8, top_k=1, kv_budget=8), full)
+    agreement = (shared8[:, 6:] == full[:, 6:]).float().mean().item()
+    assert agreement > 0.8, agreement
+
+
+def test_warm_start_changes_only_the_initial_state(monkeypatch):
+    """With warm_start, each decoded token starts from the previous token's final state; the prompt
+    still starts from s_0, so the first new token is unchanged."""
+    model = build()
+    idx = torch.randint(0, 64, (2, 5))
+    calls = []
+    original = model.forward_cached
+
+    def recording(x, cache, num_steps, exit_threshold=None, state=None):
+        out = original(x, cache, num_steps, exit_threshold, state)
+        calls.append((state, out[2]))
+        return out
+
+    monkeypatch.setattr(model, "forward_cached", recording)
+    warm = model.generate(idx, 6, num_steps=4, top_k=1, warm_start=True)
+    assert calls[0][0] is None
+    for (_, final_prev), (state, _) in zip(calls[:-1], calls[1:]):
+        assert state is final_prev
+    cold = model.generate(idx, 6, num_steps=4, top_k=1)
+    assert torch.equal(warm[:, :6], cold[:, :6])
+
+
+def test_warm_start_needs_fewer_steps_under_adaptive_exit(trained_toy_model):
+    model, data = trained_toy_model
+    idx = torch.stack([data[i:i + 6] for i in range(0, 160, 20)])
+    _, cold = model.generate(idx, 24, num_steps=32, top_k=1, exit_threshold=1e-3, return_steps=True)
+    _, warm = model.generate(idx, 24, num_steps=32, top_k=1, exit_threshold=1e-3, warm_start=True,
+                             return_steps=True)
+    assert warm[:, 1:].float().mean() < cold[:, 1:].float().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("exit_threshold", [None, 1e-2])
+def test_prompts_of_different_lengths_batch_like_alone(dtype, exit_threshold, trained_toy_model):
+    """A list of prompts is left-padded into one batch; each row gets exactly what it gets alone."""
+    model, data = trained_toy_model
+    model = model.to(dtype)
+    prompts = [data[3:4], data[10:19], data[30:35], data[50:62]]
+    outs, steps = model.generate(prompts, 10, num_steps=8, top_k=1, exit_threshold=exit_threshold,
+                                 return_steps=True)
+    for p, out, s in zip(prompts, outs, steps):
+        alone, s_alone = model.generate(p[None], 10, num_steps=8, top_k=1, exit_threshold=exit_threshold,
+                                        return_steps=True)
+        assert torch.equal(out, alone[0]) and torch.equal(s, s_alone[0])
+    model.to(torch.float32)
+
+
+def test_trace_ends_at_the_forward_pass_and_settles(trained_toy_model):
+    """trace's last iteration equals forward at that depth; the first iterations differ from it."""
+    model, data = trained_toy_model
+    idx = data[:40][None]
+    logits, states = model.trace(idx, 12, return_states=True)
+    assert logits.shape == (12, 1, 40, model.config.vocab_size) and states.shape == (12, 1, 40, 48)
+    forward, _ = model(idx, num_steps=12)
+    assert torch.allclose(logits[-1], forward, atol=1e-5)
+    assert not torch.allclose(logits[0], forward, atol=1e-2)
+    early = (logits[0].argmax(-1) == forward.argmax(-1)).float().mean()
+    assert early < 1.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=70), "block_size"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(kv_budget=0), "kv_budget"),
+    (dict(exit_threshold=-1.0), "exit_threshold"),
+])
+def test_bad_generation_arguments(kwargs, match):
+    model = build()
+    args = dict(max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), **args)
+
+
+def test_bad_prompts():
+    model = build()
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.generate([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], 4)
+    with pytest.raises(ValueError, match="token ids"):
+        model.generate(torch.tensor([[1, 64]]), 4)
