@@ -241,6 +241,21 @@ def read_checkpoint(path):
     return checkpoint
 
 
+def save_checkpoint(payload, path):
+    """Atomic: write a temp file, fsync it, rename it over the old one, fsync the directory. A crash at
+    any moment leaves a whole checkpoint at path, the previous one or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    os.fsync(dir_fd)
+    os.close(dir_fd)
+
+
 class RecurrentGPT(nn.Module):
 
     def __init__(self, config):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, die
-from model import ModelConfig, RecurrentGPT, read_checkpoint
+from model import ModelConfig, RecurrentGPT, read_checkpoint, save_checkpoint
 
 # ---- settings: defaults, overridden by config files and --key=value ----
 # I/O
@@ -223,24 +223,13 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
-def save_checkpoint():
-    """Atomic: write a temp file, fsync, rename over the old one. A crash at any moment leaves a whole
-    checkpoint (the old or the new), and weights that are not finite are never written."""
+def save(iter_num):
+    """Save everything a resumed run needs; weights that are not finite are never written."""
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         print(f"not saving at iter {iter_num}: the weights are not finite")
         return
-    os.makedirs(out_dir, exist_ok=True)
-    payload = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                   config=config, meta=meta, iter_num=iter_num)
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
-    dir_fd = os.open(out_dir, os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
+    save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                         config=config, meta=meta, iter_num=iter_num), ckpt_path)
 
 
 def step_seed(i, stream, per_rank=True):
@@ -356,7 +345,7 @@ while iter_num < max_iters and not stop_requested:
             losses = evaluate()
             print(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
                   + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"))
-            save_checkpoint()
+            save(iter_num)
         if ddp:  # the ranks must agree on every depth drawn and on the weights
             digest = (tuple(depth_history), float(sum(p.double().sum() for p in raw_model.parameters())))
             digests = [None] * world_size
