@@ -398,6 +398,14 @@ class RecurrentGPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
+    @classmethod
+    def from_huginn(cls, path, device=None, dtype=None):
+        """The released Huginn-0125 from its local directory (huginn.py maps names and keys and loads shard by
+        shard), in eval mode, with zero initial state so that its logits are the release's. dtype None keeps the
+        stored bfloat16 (about 7 GB); torch.float32 doubles that."""
+        from huginn import load_huginn  # imported here: huginn.py imports this file, and needs safetensors
+        return load_huginn(cls, path, device, dtype)
+
     # ---- inference ----
 
     @torch.no_grad()
