@@ -43,7 +43,7 @@ def test_sets(meta, cfg):
     """{difficulty: (prompts, answers)}: the data set's test files, or games drawn with test_seed."""
     if cfg["test_seed"]:
         rng = np.random.default_rng(cfg["test_seed"])
-        games = {n: shell_game(rng, cfg["test_examples"], [n]) for n in meta["test_swaps"]}
+        games = {n: [shell_game(rng, n) for _ in range(cfg["test_examples"])] for n in meta["test_swaps"]}
         return {n: ([torch.tensor(x) for x, _ in g], torch.tensor([y[-1] for _, y in g])) for n, g in games.items()}
     sets = {}
     for n in meta["test_swaps"]:

@@ -35,15 +35,11 @@ SHELL_ITOS = ["."] + [">"] + [chr(ord("a") + k) for k in range(10)] + ["1", "2",
 PAD, START, FIRST_SWAP, FIRST_CUP = 0, 1, 2, 12
 
 
-def shell_game(rng, n_examples, swaps):
-    """n_examples games with a number of swaps drawn uniformly from the list swaps. Returns a list of
-    (tokens, targets), each of length n + 1: '>' with no target, then one swap token per swap with
-    the cup (token of the digit) that holds the ball after it."""
-    games = []
-    for n in rng.choice(swaps, size=n_examples):
-        moves = [int(m) for m in rng.integers(0, len(SWAPS), size=n)]
-        games.append(([START] + [FIRST_SWAP + m for m in moves], [-1] + [FIRST_CUP + c - 1 for c in play(moves)]))
-    return games
+def shell_game(rng, n):
+    """One game of n swaps as (tokens, targets), each of length n + 1: '>' with no target, then one swap
+    token per swap with the cup (the token of its digit) that holds the ball after it."""
+    moves = [int(m) for m in rng.integers(0, len(SWAPS), size=n)]
+    return [START] + [FIRST_SWAP + m for m in moves], [-1] + [FIRST_CUP + c - 1 for c in play(moves)]
 
 
 def play(moves):
@@ -79,15 +75,21 @@ def prepare_shell_game(out, cfg):
     train_swaps = list(range(cfg["min_swaps"], cfg["max_swaps"] + 1))
     test_swaps = [int(n) for n in cfg["test_swaps"].split(",")]
     row_len = cfg["max_swaps"] + 1
-    tests = {n: shell_game(rng, cfg["test_examples"], [n]) for n in test_swaps}
+    tests = {n: [shell_game(rng, n) for _ in range(cfg["test_examples"])] for n in test_swaps}
     held_out = {tuple(x) for games in tests.values() for x, _ in games}
-    # train and val games never repeat a test game (short games have few variants, so this matters)
-    games = [g for g in shell_game(rng, int(1.2 * (cfg["train_examples"] + cfg["val_examples"])) + 1000,
-                                   train_swaps) if tuple(g[0]) not in held_out]
-    if len(games) < cfg["train_examples"] + cfg["val_examples"]:
-        die("too few distinct shell games for these settings: raise min_swaps or lower test_examples")
+    games = []
+    # train and val never repeat a test game: a rejected game is redrawn at the same length, which keeps the
+    # lengths uniform (short games have few variants: all 2-swap games number 100)
+    for n in rng.choice(train_swaps, size=cfg["train_examples"] + cfg["val_examples"]):
+        for _ in range(1000):
+            game = shell_game(rng, int(n))
+            if tuple(game[0]) not in held_out:
+                break
+        else:
+            die(f"every {n}-swap game is in the test set: lower test_examples or raise min_swaps")
+        games.append(game)
     splits = {"train": write_rows(out, "train", games[:cfg["train_examples"]], row_len),
-              "val": write_rows(out, "val", games[cfg["train_examples"]:][:cfg["val_examples"]], row_len)}
+              "val": write_rows(out, "val", games[cfg["train_examples"]:], row_len)}
     for n, games in tests.items():
         splits[f"test_{n}"] = write_rows(out, f"test_{n}", games, n + 1)
     return dict(tokenizer="char", itos=SHELL_ITOS, vocab_size=len(SHELL_ITOS), dtype="uint16",

@@ -90,9 +90,10 @@ def read_prompt(cfg, encode, block_size):
                 text = f.read()
         except OSError as e:
             die(f"cannot read the prompt file {text[5:]}: {e.strerror}", code=1)
-    if cfg["chat"]:  # the release's chat format; <|begin_text|> is its BOS
-        text = ("<|begin_text|><|begin_header|>user<|end_header|>\n\n" + text +
-                "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
+    if cfg["chat"]:  # the release's chat format (see huginn.py)
+        text = "<|begin_header|>user<|end_header|>\n\n" + text + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n"
+    if cfg["init_from"] == "huginn":
+        text = "<|begin_text|>" + text  # the release's BOS begins every document
     ids = encode(text)
     if not ids:
         die("the prompt is empty: pass some text with --start")
@@ -144,6 +145,8 @@ def main(argv):
         die(f"init_from must be 'resume' (out_dir's checkpoint) or 'huginn' (got {cfg['init_from']!r})")
     if cfg["init_from"] == "huginn" and not cfg["huginn_dir"]:
         die("--init_from=huginn needs --huginn_dir=PATH, a local copy of the release (see the README)")
+    if cfg["chat"] and cfg["init_from"] != "huginn":
+        die("--chat is the released Huginn-0125's chat format: use it with --init_from=huginn")
     if cfg["dtype"] not in ("auto", "bfloat16", "float32"):
         die(f"dtype must be 'auto', 'bfloat16' or 'float32' (got {cfg['dtype']!r})")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
@@ -186,7 +189,10 @@ def main(argv):
             continue
         for k in range(len(out)):
             print(f"---------- num_steps={r}, sample {k + 1} ----------")
-            print(decode(out[k].tolist()))
+            text = decode(out[k].tolist())
+            if cfg["chat"]:  # the answer ends at the turn's end
+                text = text[:text.find("<|end_turn|>", len(decode(ids))) % (len(text) + 1)]
+            print(text)
     print(f"{'num_steps':>9} {'tokens/s':>9} {'mean iters':>10} {'max iters':>9} {'KV cache':>10}")
     for r, n_tokens, elapsed, mean_steps, max_steps, cache in stats:
         print(f"{r:>9} {n_tokens / elapsed:>9.1f} {mean_steps:>10.2f} {max_steps:>9} {cache / 2**20:>8.2f}MB")

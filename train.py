@@ -204,6 +204,7 @@ try:
     model_config = ModelConfig(**model_args)
 except ValueError as e:
     die(str(e))
+torch.manual_seed(seed)  # the same initial weights on every run and rank
 model = RecurrentGPT(model_config).to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num = 0

@@ -37,3 +37,25 @@ def trained_toy_model():
     model.eval()
     model.config.state_init = "zero"
     return model, data
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def run_script(script, *args, cwd, timeout=300, env=None):
+    """Run one of the project's scripts as a user would, in cwd; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def shellgame_dir(tmp_path):
+    """A small shell-game data set in tmp_path/data/shellgame (train and run scripts with cwd=tmp_path)."""
+    import prepare_data
+    prepare_data.main([f"--data_dir={tmp_path / 'data'}", "--train_examples=3000", "--val_examples=300",
+                       "--test_examples=100", "--test_swaps=2,8,20"])
+    return tmp_path

@@ -311,3 +311,21 @@ def test_tokenizer_ids_are_what_the_file_specifies(tmp_path):
     assert enc.encode("    x") == [vocab["ĠĠ"], ord(" "), ord(" "), ord("x")]  # the run leaves a space to x
     assert enc.encode("<|begin_text|>", allowed_special="all") == [256 + len(MERGES)]
     assert enc.encode_single_token("<|end_turn|>") == 256 + len(MERGES) + 4
+
+
+@needs_safetensors
+def test_sample_py_samples_the_release_layout_at_several_depths(tmp_path):
+    """sample.py --init_from=huginn runs every sampling option on a checkpoint in the release's layout."""
+    tok = write_tokenizer(tmp_path)
+    vocab = max(t["id"] for t in tok["added_tokens"]) + 1
+    export(build(vocab_size=vocab, block_size=96), tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "sample.py"), "--init_from=huginn", f"--huginn_dir={tmp_path}",
+                          "--num_steps=1,4", "--exit_threshold=1e-3", "--kv_budget=2", "--warm_start", "--chat",
+                          "--start=Hello world", "--max_new_tokens=8", "--device=cpu"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "num_steps=1, sample 1" in run.stdout and "num_steps=4, sample 1" in run.stdout
+    stats = run.stdout.split("KV cache")[1].strip().splitlines()
+    assert [line.split()[0] for line in stats] == ["1", "4"]
+    assert float(stats[1].split()[2]) <= 4  # mean iterations per token under adaptive exit

@@ -1,0 +1,76 @@
+"""Contracts of train.py: the loss falls, depths are evaluated, a resumed run equals an uninterrupted one,
+and DDP ranks (one machine or two "nodes") draw the same depths and end with the same weights."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, run_script
+
+TINY = [ROOT / "config/demo.py", "--device=cpu", "--n_embd=32", "--intermediate_size=64", "--batch_size=16",
+        "--eval_iters=2", "--log_interval=5", "--warmup_iters=5", "--lr_decay_iters=40"]
+
+
+def train(cwd, *args, **kw):
+    run = run_script("train.py", *TINY, *args, cwd=cwd, **kw)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_loss_falls_and_eval_reports_every_depth(shellgame_dir):
+    run = train(shellgame_dir, "--max_iters=60", "--eval_interval=30", "--out_dir=out")
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in run.stdout.splitlines() if line.startswith("iter ")]
+    assert losses[-1] < math.log(17) - 1.0, losses
+    evals = [line for line in run.stdout.splitlines() if line.startswith("eval iter")]
+    assert len(evals) == 2 and all(f"r={r}:" in evals[-1] for r in (1, 4, 6, 12))
+    assert "depth" in run.stdout and "tok/s" in run.stdout
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(shellgame_dir):
+    """N steps in one go, or N/2, then --init_from=resume for the rest: the same weights, bit for bit."""
+    cfg = ["--eval_interval=10"]
+    train(shellgame_dir, *cfg, "--max_iters=20", "--out_dir=straight")
+    train(shellgame_dir, *cfg, "--max_iters=10", "--out_dir=halves")
+    run = train(shellgame_dir, *cfg, "--max_iters=20", "--out_dir=halves", "--init_from=resume")
+    a, b = weights(shellgame_dir / "straight/ckpt.pt"), weights(shellgame_dir / "halves/ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "iter 15:" in run.stdout and "iter 5:" not in run.stdout  # it continued, not restarted
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(cwd, launcher_args, out_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(ROOT / "train.py"),
+           *map(str, TINY), "--max_iters=8", "--eval_interval=4", f"--out_dir={out_dir}",
+           "--gradient_accumulation_steps=2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_ddp_ranks_agree_on_one_node_and_on_two(shellgame_dir):
+    """torchrun on CPU (gloo): both ranks draw the same depths and end with identical weights; two
+    launchers as two nodes on one machine give the same weights as the standalone run."""
+    standalone = torchrun(shellgame_dir, ["--standalone", "--nproc_per_node=2"], "ddp1")
+    out, err = standalone.communicate(timeout=240)
+    assert standalone.returncode == 0, err[-2000:]
+    assert "ddp: 2 ranks agree on 8 depths and the weights" in out
+    port = free_port()
+    nodes = [torchrun(shellgame_dir, ["--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1",
+                                      "--master_addr=127.0.0.1", f"--master_port={port}"], "ddp2") for r in (0, 1)]
+    results = [p.communicate(timeout=240) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), results[0][1][-2000:] + results[1][1][-2000:]
+    assert "ddp: 2 ranks agree on 8 depths and the weights" in results[0][0]
+    a, b = weights(shellgame_dir / "ddp1/ckpt.pt"), weights(shellgame_dir / "ddp2/ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
