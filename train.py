@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -100,6 +101,11 @@ def check_settings():
         die(f"eval_depths must be a comma-separated list of integers (got {eval_depths!r})")
     if any(d < 1 for d in depths):
         die(f"eval_depths entries must be >= 1 (got {eval_depths!r})")
+    try:
+        torch.device(device)
+        ModelConfig(**{k: config[k] for k in MODEL_FIELDS})  # the model's own checks, before any work
+    except (RuntimeError, ValueError) as e:
+        die(str(e) if isinstance(e, ValueError) else f"device must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
 
 
 check_settings()
@@ -356,7 +362,9 @@ while iter_num < max_iters and not stop_requested:
             if master:
                 print(f"ddp: {world_size} ranks agree on {len(depth_history)} depths and the weights")
         t0 = time.time()
-if master and stop_requested:
-    print(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
 if ddp:
     dist.destroy_process_group()
+if stop_requested:
+    if master:
+        print(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
+    sys.exit(130)  # the shell's code for a run stopped by Ctrl-C

@@ -52,10 +52,14 @@ def run_script(script, *args, cwd, timeout=300, env=None):
                           text=True, timeout=timeout, env=full_env)
 
 
+def make_shellgame(path):
+    """A small shell-game data set in path/data/shellgame (run the scripts with cwd=path)."""
+    import prepare_data
+    prepare_data.main([f"--data_dir={path / 'data'}", "--train_examples=3000", "--val_examples=300",
+                       "--test_examples=100", "--test_swaps=2,8,20"])
+    return path
+
+
 @pytest.fixture
 def shellgame_dir(tmp_path):
-    """A small shell-game data set in tmp_path/data/shellgame (train and run scripts with cwd=tmp_path)."""
-    import prepare_data
-    prepare_data.main([f"--data_dir={tmp_path / 'data'}", "--train_examples=3000", "--val_examples=300",
-                       "--test_examples=100", "--test_swaps=2,8,20"])
-    return tmp_path
+    return make_shellgame(tmp_path)
