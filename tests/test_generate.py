@@ -136,8 +136,9 @@ def test_trace_ends_at_the_forward_pass_and_settles(trained_toy_model):
     forward, _ = model(idx, num_steps=12)
     assert torch.allclose(logits[-1], forward, atol=1e-5)
     assert not torch.allclose(logits[0], forward, atol=1e-2)
-    early = (logits[0].argmax(-1) == forward.argmax(-1)).float().mean()
-    assert early < 1.0
+    logp = torch.log_softmax(logits, dim=-1)
+    kl_to_final = (logp.exp() * (logp - logp[-1])).sum(-1).mean(dim=(1, 2))  # per iteration
+    assert kl_to_final[0] > 10 * kl_to_final[-2]  # the prediction settles as the iterations go on
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -74,3 +74,17 @@ def test_ddp_ranks_agree_on_one_node_and_on_two(shellgame_dir):
     assert "ddp: 2 ranks agree on 8 depths and the weights" in results[0][0]
     a, b = weights(shellgame_dir / "ddp1/ckpt.pt"), weights(shellgame_dir / "ddp2/ckpt.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_config_file_holds_only_known_settings(tmp_path, monkeypatch, capsys):
+    """Each config/*.py is read by train.py's configurator (an unknown key would stop it with exit 2)."""
+    import runpy
+    configs = sorted((ROOT / "config").glob("*.py"))
+    assert len(configs) >= 4
+    monkeypatch.chdir(tmp_path)
+    for path in configs:
+        monkeypatch.setattr(sys, "argv", ["train.py", str(path), "--help"])
+        try:
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        except SystemExit as e:
+            assert e.code == 0, (path.name, capsys.readouterr().err)
