@@ -42,6 +42,16 @@ def shell_game(rng, n):
     return [START] + [FIRST_SWAP + m for m in moves], [-1] + [FIRST_CUP + c - 1 for c in play(moves)]
 
 
+def distinct_games(rng, n, count):
+    """count different games of n swaps, at most half of all 10^n: short games have few variants (100 of
+    2 swaps), and the other half stays for training."""
+    games = {}
+    while len(games) < min(count, len(SWAPS) ** n // 2):
+        game = shell_game(rng, n)
+        games.setdefault(tuple(game[0]), game)
+    return list(games.values())
+
+
 def play(moves):
     """The cup (1..5) that holds the ball after each swap; moves index SWAPS."""
     ball, cups = 1, []
@@ -75,18 +85,15 @@ def prepare_shell_game(out, cfg):
     train_swaps = list(range(cfg["min_swaps"], cfg["max_swaps"] + 1))
     test_swaps = [int(n) for n in cfg["test_swaps"].split(",")]
     row_len = cfg["max_swaps"] + 1
-    tests = {n: [shell_game(rng, n) for _ in range(cfg["test_examples"])] for n in test_swaps}
+    tests = {n: distinct_games(rng, n, cfg["test_examples"]) for n in test_swaps}
     held_out = {tuple(x) for games in tests.values() for x, _ in games}
     games = []
     # train and val never repeat a test game: a rejected game is redrawn at the same length, which keeps the
-    # lengths uniform (short games have few variants: all 2-swap games number 100)
+    # lengths uniform (a test set takes at most half the games of its length, so the redraw ends)
     for n in rng.choice(train_swaps, size=cfg["train_examples"] + cfg["val_examples"]):
-        for _ in range(1000):
+        game = shell_game(rng, int(n))
+        while tuple(game[0]) in held_out:
             game = shell_game(rng, int(n))
-            if tuple(game[0]) not in held_out:
-                break
-        else:
-            die(f"every {n}-swap game is in the test set: lower test_examples or raise min_swaps")
         games.append(game)
     splits = {"train": write_rows(out, "train", games[:cfg["train_examples"]], row_len),
               "val": write_rows(out, "val", games[cfg["train_examples"]:], row_len)}
