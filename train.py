@@ -300,7 +300,7 @@ if master and iter_num >= max_iters:
     print(f"nothing to do: the checkpoint is at iter {iter_num} and max_iters is {max_iters}; raise --max_iters")
 depth_history = []
 model.train()
-t0 = time.time()
+t0, t0_iter = time.time(), iter_num
 while iter_num < max_iters and not stop_requested:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -336,13 +336,13 @@ while iter_num < max_iters and not stop_requested:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
-    if master and (iter_num % log_interval == 0 or iter_num == 1):
-        dt = (time.time() - t0) / (1 if iter_num == 1 else log_interval)
-        tokens = batch_size * x.size(1) * gradient_accumulation_steps * world_size
-        print(f"iter {iter_num}: loss {loss_value:.4f}, depth {n_no_grad + n_grad} ({n_grad} with grad), "
-              f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s")
     if iter_num % log_interval == 0 or iter_num == 1:
-        t0 = time.time()
+        dt = (time.time() - t0) / (iter_num - t0_iter)
+        tokens = batch_size * x.size(1) * gradient_accumulation_steps * world_size
+        if master:
+            print(f"iter {iter_num}: loss {loss_value:.4f}, depth {n_no_grad + n_grad} ({n_grad} with grad), "
+                  f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s", flush=True)
+        t0, t0_iter = time.time(), iter_num
     if ddp:  # a stop request reaches the ranks at different steps: stop together
         flag = torch.tensor([float(stop_requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -351,20 +351,26 @@ while iter_num < max_iters and not stop_requested:
         if master:
             losses = evaluate()
             print(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
-                  + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"))
+                  + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"), flush=True)
             save(iter_num)
         if ddp:  # the ranks must agree on every depth drawn and on the weights
-            digest = (tuple(depth_history), float(sum(p.double().sum() for p in raw_model.parameters())))
+            digest = (tuple(depth_history), sum(p.detach().double().sum().item() for p in raw_model.parameters()))
             digests = [None] * world_size
             dist.all_gather_object(digests, digest)
             if master and any(d != digests[0] for d in digests):
                 die("DDP ranks disagree on the depths drawn or the weights", code=1)
             if master:
                 print(f"ddp: {world_size} ranks agree on {len(depth_history)} depths and the weights")
-        t0 = time.time()
+        t0, t0_iter = time.time(), iter_num
+if stop_requested and master:
+    print(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
+exit_code = 130 if stop_requested else 0  # 130: the shell's code for a run stopped by Ctrl-C
 if ddp:
+    dist.barrier()
     dist.destroy_process_group()
-if stop_requested:
-    if master:
-        print(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
-    sys.exit(130)  # the shell's code for a run stopped by Ctrl-C
+    # gloo's worker threads may still be freeing tensors while Python shuts down, which aborts the
+    # process now and then (SIGABRT, a PyTorch issue): everything is saved, so skip the teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+sys.exit(exit_code)
