@@ -307,6 +307,28 @@ class RecurrentGPT(nn.Module):
         """Parameters counted once (the tied lm_head is the embedding); the core's are reused num_steps times."""
         return sum(p.numel() for p in self.parameters())
 
+    def estimate_flops(self, batch_size, seq_len, n_no_grad, n_grad):
+        """FLOPs of one training step (forward + backward) at the depth actually run, matmuls only.
+        With N = batch_size * seq_len tokens, T = seq_len, d = n_embd, h = intermediate_size, V = vocab_size:
+
+            block   = N (8 d^2 + 6 d h) + 4 N T d   Wqkv 6Nd^2, proj 2Nd^2, MLP 6Ndh; QK^T and AV 2NTd each
+                                                    (the full T x T, as FlopCounterMode and nanoGPT count)
+            core    = n_core * block + 4 N d^2      the adapter (2d -> d) and the core blocks, one iteration
+            head    = 2 N d V                       the tied lm_head
+            forward = (n_prelude + n_coda) block + (n_no_grad + n_grad) core + head
+            backward = 2 ((n_prelude block if n_grad > 0) + n_grad core + n_coda block + head)
+
+        A backward costs twice its forward (the gradients of the input and of the weight). The no-grad
+        iterations have none; the prelude gets its gradient through e in the grad iterations only."""
+        cfg = self.config
+        N, d, h = batch_size * seq_len, cfg.n_embd, cfg.intermediate_size
+        block = N * (8 * d * d + 6 * d * h) + 4 * N * seq_len * d
+        core = cfg.n_core * block + 4 * N * d * d
+        head = 2 * N * d * cfg.vocab_size
+        forward = (cfg.n_prelude + cfg.n_coda) * block + (n_no_grad + n_grad) * core + head
+        backward = 2 * ((cfg.n_prelude * block if n_grad else 0) + n_grad * core + cfg.n_coda * block + head)
+        return forward + backward
+
     # ---- the three stages ----
 
     def embed(self, idx, rope, cache=None):

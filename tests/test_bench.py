@@ -1,0 +1,92 @@
+"""Contracts of the benchmark: the FLOP formula it divides by, and bench.py itself end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ModelConfig, RecurrentGPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine every op would wait for the slowest one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layers", [dict(n_prelude=1, n_coda=1), dict(n_prelude=0, n_coda=2),
+                                    dict(n_prelude=2, n_coda=0)])
+@pytest.mark.parametrize("num_steps", [(0, 1), (0, 3), (2, 2), (5, 1), (3, 0)])
+def test_estimate_flops_matches_flop_counter(layers, num_steps):
+    """estimate_flops counts what a forward + backward really runs, within 5% of FlopCounterMode, for any
+    split of the depth into no-grad and grad iterations (the math attention backend: FlopCounterMode does
+    not see the CPU's fused attention kernel)."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=96, block_size=32, n_embd=32, n_head=2, intermediate_size=48, n_core=2,
+                         backprop_depth=2, **layers)
+    model = RecurrentGPT(config).train()
+    idx = torch.randint(0, 96, (3, 32))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, targets=idx, num_steps=num_steps)
+        loss.backward()
+    measured = counter.get_total_flops()
+    estimate = model.estimate_flops(3, 32, *num_steps)
+    assert abs(estimate - measured) <= 0.05 * measured, (estimate, measured)
+
+
+TINY = ["--vocab_size=64", "--block_size=32", "--n_embd=32", "--n_head=2", "--intermediate_size=64",
+        "--mean_recurrence=2", "--backprop_depth=2", "--batch_size=2", "--warmup_steps=1", "--timed_steps=2",
+        "--memory_depths=2,8", "--decode_batches=1,2", "--decode_depths=1,3", "--prompt_len=4",
+        "--decode_tokens=4", "--cache_tokens=4", "--cache_depths=1,2", "--mm_size=128", "--copy_mib=4"]
+
+
+def run_bench(tmp_path, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny sizes: more threads only wait on each other when CPUs are busy
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *TINY, *flags], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path):
+    """bench.py runs every section but compile on a tiny config, prints the tables and writes JSON that holds
+    each section's figures and the targets; the static KV cache (for CUDA graphs) decodes as model.KVCache."""
+    proc = run_bench(tmp_path, "--sections=ceilings,train,memory,decode,cache", "--decode_cache=static",
+                     "--out=bench.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "training step" in proc.stdout and "targets" in proc.stdout
+    with open(tmp_path / "bench.json") as f:
+        result = json.load(f)
+    assert result["ceilings"]["matmul_flops_per_s"] > 0 and result["ceilings"]["bandwidth_bytes_per_s"] > 0
+    rows = result["train"]["rows"]
+    assert [row["name"] for row in rows][:3] == ["num_steps=1", "num_steps=2", "num_steps=8"]
+    assert all(row["flops_per_step"] > 0 and 0 < row["mfu"] for row in rows)
+    assert [row["num_steps"] for row in result["memory"]] == [2, 8]
+    assert all(row["peak_bytes"] > 0 for row in result["memory"])
+    assert [(row["batch"], row["num_steps"]) for row in result["decode"]["rows"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    assert result["decode"]["cache"] == "static" and result["decode"]["static_cache_error"] < 1e-4
+    assert len(result["cache"]["deviations"]) == 2 and result["cache"]["speedup"] > 0
+    assert result["targets"] and result["machine"]["loadavg_start"]
+
+
+@pytest.mark.parametrize("flag, message", [("--sections=train,fly", "sections must be"),
+                                           ("--decode_depths=1,x", "decode_depths must be comma-separated"),
+                                           ("--decode_cache=big", "decode_cache must be"),
+                                           ("--n_head=3", "must be divisible by n_head")])
+def test_bench_rejects_bad_settings_in_one_line(tmp_path, flag, message):
+    """A bad setting stops bench.py before any work with one line naming it (exit code 2)."""
+    proc = run_bench(tmp_path, flag)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_help_lists_the_settings(tmp_path):
+    proc = run_bench(tmp_path, "--help")
+    assert proc.returncode == 0 and "Sections" in proc.stdout and "--decode_depths=" in proc.stdout
