@@ -63,3 +63,12 @@ def make_shellgame(path):
 @pytest.fixture
 def shellgame_dir(tmp_path):
     return make_shellgame(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: more threads only contend for the cores (3x slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,15 +15,6 @@ from model import ModelConfig, RecurrentGPT
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine every op would wait for the slowest one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("layers", [dict(n_prelude=1, n_coda=1), dict(n_prelude=0, n_coda=2),
                                     dict(n_prelude=2, n_coda=0)])
 @pytest.mark.parametrize("num_steps", [(0, 1), (0, 3), (2, 2), (5, 1), (3, 0)])

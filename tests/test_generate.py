@@ -102,15 +102,6 @@ def test_warm_start_changes_only_the_initial_state(monkeypatch):
     assert torch.equal(warm[:, :6], cold[:, :6])
 
 
-def test_warm_start_needs_fewer_steps_under_adaptive_exit(trained_toy_model):
-    model, data = trained_toy_model
-    idx = torch.stack([data[i:i + 6] for i in range(0, 160, 20)])
-    _, cold = model.generate(idx, 24, num_steps=32, top_k=1, exit_threshold=1e-3, return_steps=True)
-    _, warm = model.generate(idx, 24, num_steps=32, top_k=1, exit_threshold=1e-3, warm_start=True,
-                             return_steps=True)
-    assert warm[:, 1:].float().mean() < cold[:, 1:].float().mean()
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("exit_threshold", [None, 1e-2])
 def test_prompts_of_different_lengths_batch_like_alone(dtype, exit_threshold, trained_toy_model):

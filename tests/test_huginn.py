@@ -21,15 +21,6 @@ except ImportError:  # safetensors is optional: only the weight tests need it
 needs_safetensors = pytest.mark.skipif(save_file is None, reason="pip install safetensors")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread: more only contend for the cores (3x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(vocab_size=96, block_size=32, n_embd=32, n_head=2, intermediate_size=48, n_prelude=1, n_core=2,
             n_coda=1, mean_recurrence=4, backprop_depth=2, state_init="zero")
 
