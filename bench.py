@@ -240,7 +240,7 @@ class PlainGPT(nn.Module):
                                                           config.rope_base), persistent=False)
 
     def forward(self, idx, targets, num_steps=None):
-        rope = self.freqs_cis[:idx.size(1)].unsqueeze(1)
+        rope = self.freqs_cis[:idx.size(1), None, None]  # as RecurrentGPT.rope_at
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, rope)

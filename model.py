@@ -43,7 +43,8 @@ def precompute_rope(head_dim, block_size, base):
 
 
 def apply_rope(x, rope):
-    """Rotate the adjacent pairs of dims (0,1), (2,3), ... of x (B, T, H, hd), in float32."""
+    """Rotate the adjacent pairs of dims (0,1), (2,3), ... of x (B, T, 2, H, hd): queries and keys at once,
+    in float32. rope holds the table's rows at x's positions, shaped ([B,] T, 1, 1, hd // 2, 2)."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = rope.unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
@@ -62,11 +63,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, cache=None, step=0):
         B, T, C = x.shape
-        q, k, v = self.Wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        qkv = self.Wqkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2].transpose(1, 2)  # q and k go through the bias and RoPE together
         if self.qk_bias is not None:
-            q, k = q + self.qk_bias[0].to(q.dtype), k + self.qk_bias[1].to(k.dtype)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+            qk = qk + self.qk_bias[:, 0].to(qk.dtype)
+        q, k = apply_rope(qk, rope).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_id, step, k, v)
@@ -331,6 +332,10 @@ class RecurrentGPT(nn.Module):
 
     # ---- the three stages ----
 
+    def rope_at(self, pos):
+        """The RoPE table's rows at positions pos (a slice, (T,) or (B, T)), shaped for apply_rope."""
+        return self.freqs_cis[pos][..., None, None, :, :]
+
     def embed(self, idx, rope, cache=None):
         """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
         x = self.wte(idx) * math.sqrt(self.config.n_embd)
@@ -398,7 +403,7 @@ class RecurrentGPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         n_no_grad, n_grad = self.split_num_steps(num_steps)
-        rope = self.freqs_cis[:T].unsqueeze(1)
+        rope = self.rope_at(slice(T))
         e = self.embed(idx, rope)
         s = self.initial_state(e)
         with torch.no_grad():  # truncated backprop: the first iterations build no graph, so memory stays flat
@@ -436,7 +441,7 @@ class RecurrentGPT(nn.Module):
         next-token logits (B, vocab_size), the iterations each row used (B,) and each row's final latent
         state at the last position (B, 1, n_embd)."""
         B, T = idx.shape
-        rope = self.freqs_cis[cache.positions(T)].unsqueeze(-3)
+        rope = self.rope_at(cache.positions(T))
         e = self.embed(idx, rope, cache)
         s = self.initial_state(e) if state is None else state
         steps = torch.full((B,), num_steps, dtype=torch.long, device=idx.device)
@@ -527,7 +532,7 @@ class RecurrentGPT(nn.Module):
         and the head. Returns logits (num_steps, B, T, vocab_size), with return_states also the latents
         (num_steps, B, T, n_embd)."""
         num_steps = check_num_steps(num_steps)
-        rope = self.freqs_cis[:idx.size(1)].unsqueeze(1)
+        rope = self.rope_at(slice(idx.size(1)))
         e = self.embed(idx, rope)
         s = self.initial_state(e)
         logits, states = [], []
