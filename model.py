@@ -153,110 +153,6 @@ def check_num_steps(num_steps):
     return r
 
 
-class KVCache:
-    """Preallocated keys and values for generate(). Prelude and coda layers keep one row each; every core
-    layer keeps one row per iteration slot, iteration i writing slot i % n_slots. With n_slots = num_steps
-    each iteration has its own entry and a token decoded at iteration i attends to the earlier tokens'
-    iteration i (the paper's per-iteration cache); fewer slots share them (KV-cache sharing), so memory
-    stops growing with num_steps."""
-
-    def __init__(self, config, batch_size, max_len, n_slots, valid=None, device=None, dtype=None):
-        self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
-        self.k = torch.zeros(self.shape(config, batch_size, max_len, n_slots), device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.pos = 0         # tokens written so far
-        self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
-        self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
-        self.n_pad = None if valid is None else (~valid).sum(1)
-
-    @staticmethod
-    def shape(config, batch_size, max_len, n_slots):
-        """(rows, B, n_head, max_len, head_dim) of the keys, and of the values."""
-        rows = config.n_prelude + config.n_coda + n_slots * config.n_core
-        return rows, batch_size, config.n_head, max_len, config.n_embd // config.n_head
-
-    @property
-    def nbytes(self):
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def positions(self, T):
-        """RoPE positions of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
-        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
-        return pos if self.valid is None else (pos - self.n_pad[:, None]).clamp(min=0)
-
-    def update(self, layer_id, step, k, v):
-        """Store k, v (B, H, T, hd) of the next T tokens; return every key and value so far and the mask."""
-        row = layer_id if layer_id < self.n_fixed else layer_id + (step % self.n_slots) * self.n_core
-        p, T = self.pos, k.size(2)
-        if self.active is not None:  # a row that exited keeps the entry of its last iteration
-            keep = ~self.active.view(-1, 1, 1, 1)
-            k = torch.where(keep, self.k[row, :, :, p:p + T], k)
-            v = torch.where(keep, self.v[row, :, :, p:p + T], v)
-        self.k[row, :, :, p:p + T] = k
-        self.v[row, :, :, p:p + T] = v
-        return self.k[row, :, :, :p + T], self.v[row, :, :, :p + T], self.attn_mask(T)
-
-    def attn_mask(self, T):
-        """None (plain causal) without padding, else (B, 1, T, pos + T): causal and never onto padding."""
-        if self.valid is None:
-            return None
-        causal = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(self.pos)
-        keys = self.valid[:, None, None, :self.pos + T]
-        pad_query = ~self.valid[:, None, self.pos:self.pos + T, None]  # sees itself, so its softmax is finite
-        return causal & (keys | pad_query)
-
-    def advance(self, T, steps=None):
-        """Close the T tokens just written. A row that exited after e < n_slots iterations left slots e..
-        empty: they get its last entry (slot e - 1), which is what later tokens read there."""
-        if steps is not None and int(steps.min()) < self.n_slots:
-            p = self.pos
-            src = torch.minimum(torch.arange(self.n_slots, device=steps.device)[:, None], steps - 1)
-            for buf in (self.k, self.v):
-                core = buf[self.n_fixed:].unflatten(0, (self.n_slots, self.n_core))[..., p:p + T, :]
-                core.copy_(core.gather(0, src[:, None, :, None, None, None].expand_as(core)))
-        self.pos += T
-
-
-def left_pad(prompts, device):
-    """Stack 1-D prompts of different lengths into (B, L), padded on the left, and a mask of real tokens."""
-    L = max(len(p) for p in prompts)
-    idx = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
-    valid = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
-    for row, p in enumerate(prompts):
-        idx[row, L - len(p):] = p
-        valid[row, L - len(p):] = True
-    return idx, valid
-
-
-def read_checkpoint(path):
-    """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
-    can run code. Raises ValueError with one line for a missing, corrupt or foreign file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a train.py checkpoint (no model or model_args)")
-    return checkpoint
-
-
-def save_checkpoint(payload, path):
-    """Atomic: write a temp file, fsync it, rename it over the old one, fsync the directory. A crash at
-    any moment leaves a whole checkpoint at path, the previous one or the new one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
-
-
 class RecurrentGPT(nn.Module):
 
     def __init__(self, config):
@@ -541,3 +437,110 @@ class RecurrentGPT(nn.Module):
             states.append(s)
             logits.append(self.coda_head(s, rope))
         return (torch.stack(logits), torch.stack(states)) if return_states else torch.stack(logits)
+
+
+# ---- inference state and checkpoint files: used by RecurrentGPT's methods above ----
+
+
+class KVCache:
+    """Preallocated keys and values for generate(). Prelude and coda layers keep one row each; every core
+    layer keeps one row per iteration slot, iteration i writing slot i % n_slots. With n_slots = num_steps
+    each iteration has its own entry and a token decoded at iteration i attends to the earlier tokens'
+    iteration i (the paper's per-iteration cache); fewer slots share them (KV-cache sharing), so memory
+    stops growing with num_steps."""
+
+    def __init__(self, config, batch_size, max_len, n_slots, valid=None, device=None, dtype=None):
+        self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
+        self.k = torch.zeros(self.shape(config, batch_size, max_len, n_slots), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0         # tokens written so far
+        self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
+        self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
+        self.n_pad = None if valid is None else (~valid).sum(1)
+
+    @staticmethod
+    def shape(config, batch_size, max_len, n_slots):
+        """(rows, B, n_head, max_len, head_dim) of the keys, and of the values."""
+        rows = config.n_prelude + config.n_coda + n_slots * config.n_core
+        return rows, batch_size, config.n_head, max_len, config.n_embd // config.n_head
+
+    @property
+    def nbytes(self):
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def positions(self, T):
+        """RoPE positions of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
+        pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
+        return pos if self.valid is None else (pos - self.n_pad[:, None]).clamp(min=0)
+
+    def update(self, layer_id, step, k, v):
+        """Store k, v (B, H, T, hd) of the next T tokens; return every key and value so far and the mask."""
+        row = layer_id if layer_id < self.n_fixed else layer_id + (step % self.n_slots) * self.n_core
+        p, T = self.pos, k.size(2)
+        if self.active is not None:  # a row that exited keeps the entry of its last iteration
+            keep = ~self.active.view(-1, 1, 1, 1)
+            k = torch.where(keep, self.k[row, :, :, p:p + T], k)
+            v = torch.where(keep, self.v[row, :, :, p:p + T], v)
+        self.k[row, :, :, p:p + T] = k
+        self.v[row, :, :, p:p + T] = v
+        return self.k[row, :, :, :p + T], self.v[row, :, :, :p + T], self.attn_mask(T)
+
+    def attn_mask(self, T):
+        """None (plain causal) without padding, else (B, 1, T, pos + T): causal and never onto padding."""
+        if self.valid is None:
+            return None
+        causal = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(self.pos)
+        keys = self.valid[:, None, None, :self.pos + T]
+        pad_query = ~self.valid[:, None, self.pos:self.pos + T, None]  # sees itself, so its softmax is finite
+        return causal & (keys | pad_query)
+
+    def advance(self, T, steps=None):
+        """Close the T tokens just written. A row that exited after e < n_slots iterations left slots e..
+        empty: they get its last entry (slot e - 1), which is what later tokens read there."""
+        if steps is not None and int(steps.min()) < self.n_slots:
+            p = self.pos
+            src = torch.minimum(torch.arange(self.n_slots, device=steps.device)[:, None], steps - 1)
+            for buf in (self.k, self.v):
+                core = buf[self.n_fixed:].unflatten(0, (self.n_slots, self.n_core))[..., p:p + T, :]
+                core.copy_(core.gather(0, src[:, None, :, None, None, None].expand_as(core)))
+        self.pos += T
+
+
+def left_pad(prompts, device):
+    """Stack 1-D prompts of different lengths into (B, L), padded on the left, and a mask of real tokens."""
+    L = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, L - len(p):] = p
+        valid[row, L - len(p):] = True
+    return idx, valid
+
+
+def read_checkpoint(path):
+    """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
+    can run code. Raises ValueError with one line for a missing, corrupt or foreign file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (no model or model_args)")
+    return checkpoint
+
+
+def save_checkpoint(payload, path):
+    """Atomic: write a temp file, fsync it, rename it over the old one, fsync the directory. A crash at
+    any moment leaves a whole checkpoint at path, the previous one or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    os.fsync(dir_fd)
+    os.close(dir_fd)
