@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, die
+from configurator import configure, die, int_list
 from model import (CausalSelfAttention, GatedMLP, KVCache, ModelConfig, RecurrentGPT, RMSNorm, SandwichBlock,
                    precompute_rope)
 
@@ -93,16 +93,6 @@ DATASHEET_BF16 = [("A100", 312e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
 CPU_MFU_TARGETS = {256: 0.60, 512: 0.75}  # issue 8: CPU, 2 cores, float32, block 256, batch 8
 
 
-def int_list(key):
-    try:
-        values = [int(v) for v in config[key].split(",")]
-    except ValueError:
-        die(f"{key} must be comma-separated integers (got {config[key]!r})")
-    if any(v < 1 for v in values):
-        die(f"{key} entries must be >= 1 (got {config[key]!r})")
-    return values
-
-
 chosen = SECTIONS if sections == "all" else sections.split(",")
 if any(s not in SECTIONS for s in chosen):
     die(f"sections must be 'all' or a comma-separated choice of {', '.join(SECTIONS)} (got {sections!r})")
@@ -116,8 +106,8 @@ if decode_cache not in ("auto", "dynamic", "static"):
     die(f"decode_cache must be 'auto', 'dynamic' or 'static' (got {decode_cache!r})")
 if dtype not in ("auto", "bfloat16", "float32"):
     die(f"dtype must be 'auto', 'bfloat16' or 'float32' (got {dtype!r})")
-memory_depths, decode_batches, decode_depths, cache_depths = map(
-    int_list, ("memory_depths", "decode_batches", "decode_depths", "cache_depths"))
+memory_depths, decode_batches, decode_depths, cache_depths = (
+    int_list(key, config[key]) for key in ("memory_depths", "decode_batches", "decode_depths", "cache_depths"))
 model_args = {f.name: config[f.name] for f in fields(ModelConfig) if f.name in config}
 try:
     ModelConfig(**model_args)

@@ -21,6 +21,17 @@ def die(message, code=2):
     sys.exit(code)
 
 
+def int_list(key, text):
+    """A setting that lists integers >= 1, written "1,4,16" (depths, batch sizes, swap counts)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        die(f"{key} must be comma-separated integers (got {text!r})")
+    if any(v < 1 for v in values):
+        die(f"{key} entries must be >= 1 (got {text!r})")
+    return values
+
+
 def _convert(key, value, default, source):
     """value (from a config file, or the text of a flag) converted to the type of default."""
     if isinstance(default, str):

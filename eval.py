@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, die
+from configurator import configure, die, int_list
 from model import RecurrentGPT, read_checkpoint
-from prepare_data import shell_game
+from prepare_data import shell_game, write
 
 # exit_threshold: the release's 1e-3 exits a little early on the longest games (accuracy at n=16 drops ~0.05
 # below num_steps=32); 1e-4 costs about half an iteration more per game and keeps it within 0.01
@@ -138,11 +138,8 @@ def plot(path, depths, rows):
 
 def main(argv):
     cfg = configure(defaults, argv, usage=__doc__)
-    try:
-        depths = [int(d) for d in cfg["num_steps"].split(",")]
-    except ValueError:
-        die(f"num_steps must be a comma-separated list of depths (got {cfg['num_steps']!r})")
-    for key, value in [("num_steps", min(depths)), ("exit_max_steps", cfg["exit_max_steps"]),
+    depths = int_list("num_steps", cfg["num_steps"])
+    for key, value in [("exit_max_steps", cfg["exit_max_steps"]),
                        ("batch_size", cfg["batch_size"]), ("test_examples", cfg["test_examples"])]:
         if value < 1:
             die(f"{key} must be >= 1 (got {value})")
@@ -178,10 +175,7 @@ def main(argv):
           f"(batches of {cfg['batch_size']} mixed lengths)")
     result = dict(num_steps=depths, exit_threshold=cfg["exit_threshold"], exit_max_steps=cfg["exit_max_steps"],
                   test_seed=cfg["test_seed"], seconds=elapsed, rows=rows)
-    tmp = os.path.join(cfg["out_dir"], "eval.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(cfg["out_dir"], "eval.json"))
+    write(os.path.join(cfg["out_dir"], "eval.json"), json.dumps(result, indent=1).encode())
     print(f"wrote {os.path.join(cfg['out_dir'], 'eval.json')}")
     plot(os.path.join(cfg["out_dir"], "eval.png"), depths, rows)
 

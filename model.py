@@ -406,8 +406,8 @@ class RecurrentGPT(nn.Module):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (got {value})")
         valid = None if prompts is None else F.pad(valid, (0, max_new_tokens), value=True)
-        n_slots = num_steps if kv_budget is None else min(kv_budget, num_steps)
-        cache = KVCache(self.config, B, T + max_new_tokens, n_slots, valid, idx.device, self.wte.weight.dtype)
+        cache = KVCache(self.config, B, T + max_new_tokens, KVCache.n_slots_for(num_steps, kv_budget), valid,
+                        idx.device, self.wte.weight.dtype)
         steps = torch.zeros(B, max_new_tokens, dtype=torch.long, device=idx.device)
         x, state = idx, None
         for t in range(max_new_tokens):
@@ -457,6 +457,11 @@ class KVCache:
         self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
         self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
         self.n_pad = None if valid is None else (~valid).sum(1)
+
+    @staticmethod
+    def n_slots_for(num_steps, kv_budget=None):
+        """Iteration slots per core layer: one per iteration, or at most kv_budget shared ones."""
+        return num_steps if kv_budget is None else min(kv_budget, num_steps)
 
     @staticmethod
     def shape(config, batch_size, max_len, n_slots):

@@ -26,7 +26,7 @@ import urllib.request
 
 import numpy as np
 
-from configurator import configure, die
+from configurator import configure, die, int_list
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # the ten swaps of the shell game, named a..j: (1,2), (1,3), (1,4), (1,5), (2,3), ... (4,5)
@@ -62,11 +62,13 @@ def play(moves):
     return cups
 
 
-def write(path, array):
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write(path, data):
+    """Write bytes (or an array's buffer) atomically: a crash leaves the old file or the new one, never half
+    of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    array.tofile(tmp)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -80,10 +82,9 @@ def write_rows(out, split, games, row_len):
     return len(games)
 
 
-def prepare_shell_game(out, cfg):
+def prepare_shell_game(out, cfg, test_swaps):
     rng = np.random.default_rng(cfg["seed"])
     train_swaps = list(range(cfg["min_swaps"], cfg["max_swaps"] + 1))
-    test_swaps = [int(n) for n in cfg["test_swaps"].split(",")]
     row_len = cfg["max_swaps"] + 1
     tests = {n: distinct_games(rng, n, cfg["test_examples"]) for n in test_swaps}
     held_out = {tuple(x) for games in tests.values() for x, _ in games}
@@ -160,11 +161,7 @@ def main(argv=None):
     for key in ("train_examples", "val_examples", "test_examples"):
         if cfg[key] < 1:
             die(f"{key} must be >= 1 (got {cfg[key]})")
-    try:
-        if not all(int(n) >= 1 for n in cfg["test_swaps"].split(",")):
-            raise ValueError
-    except ValueError:
-        die(f"test_swaps must be a comma-separated list of swap counts >= 1 (got {cfg['test_swaps']!r})")
+    test_swaps = int_list("test_swaps", cfg["test_swaps"])
     if cfg["dataset"] == "text":
         stem = os.path.splitext(os.path.basename(cfg["input"]))[0]
         name = cfg["name"] or f"{stem}_{cfg['tokenizer']}"
@@ -174,12 +171,9 @@ def main(argv=None):
     out = os.path.join(cfg["data_dir"], name)
     if os.path.exists(os.path.join(out, "meta.json")):  # until the new one is written, the set is incomplete
         os.remove(os.path.join(out, "meta.json"))
-    meta = prepare_shell_game(out, cfg) if cfg["dataset"] == "shellgame" else prepare_text(out, cfg)
+    meta = prepare_shell_game(out, cfg, test_swaps) if cfg["dataset"] == "shellgame" else prepare_text(out, cfg)
     meta = dict(name=name, **meta)
-    tmp = os.path.join(out, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out, "meta.json"))  # written last: a data set with a meta.json is complete
+    write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1).encode())  # last: a set with one is complete
     sizes = meta.get("tokens") or meta["rows"]
     print(f"wrote {out}: vocab {meta['vocab_size']}, layout {meta['layout']}, "
           + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))

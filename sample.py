@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, die
-from model import KVCache, RecurrentGPT, check_num_steps, read_checkpoint
+from configurator import configure, die, int_list
+from model import KVCache, RecurrentGPT, read_checkpoint
 
 defaults = dict(init_from="resume", out_dir="out", huginn_dir="", start="\n", num_samples=1, max_new_tokens=200,
                 temperature=0.8, top_k=200, num_steps="", exit_threshold=None, kv_budget=None,
@@ -64,11 +64,7 @@ def load_model(cfg, device):
 
 def parse_settings(cfg, model):
     """Check the sampling settings against the model; returns the list of depths."""
-    try:
-        depths = [check_num_steps(int(d)) for d in cfg["num_steps"].split(",")] if cfg["num_steps"] else \
-            [model.config.mean_recurrence]
-    except ValueError:
-        die(f"num_steps must be a depth >= 1 or a comma-separated list of them, e.g. 1,4,16 (got {cfg['num_steps']!r})")
+    depths = int_list("num_steps", cfg["num_steps"]) if cfg["num_steps"] else [model.config.mean_recurrence]
     rules = [("num_samples", cfg["num_samples"] >= 1, ">= 1"), ("max_new_tokens", cfg["max_new_tokens"] >= 1, ">= 1"),
              ("temperature", cfg["temperature"] > 0, "> 0"), ("top_k", cfg["top_k"] >= 1, ">= 1"),
              ("trace_positions", cfg["trace_positions"] >= 1, ">= 1"),
@@ -179,9 +175,8 @@ def main(argv):
                                     exit_threshold=cfg["exit_threshold"], kv_budget=cfg["kv_budget"],
                                     warm_start=cfg["warm_start"], return_steps=True)
         elapsed = time.time() - t0
-        n_slots = min(cfg["kv_budget"] or r, r)
-        cache = 2 * math.prod(KVCache.shape(model.config, len(idx), idx.size(1) + max_new, n_slots)) \
-            * torch.finfo(model.wte.weight.dtype).bits // 8
+        shape = KVCache.shape(model.config, len(idx), idx.size(1) + max_new, KVCache.n_slots_for(r, cfg["kv_budget"]))
+        cache = 2 * math.prod(shape) * torch.finfo(model.wte.weight.dtype).bits // 8
         stats.append((r, out.numel() - idx.numel(), elapsed, steps.float().mean().item(), steps.max().item(), cache))
         if rows:
             truth = f" (true cup: {answers[-1]})" if answers and answers[-1] else ""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, die
+from configurator import configure, die, int_list
 from model import ModelConfig, RecurrentGPT, read_checkpoint, save_checkpoint
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -96,12 +96,6 @@ def check_settings():
         if not ok:
             die(f"{key} must be {allowed} (got {config[key]!r})")
     try:
-        depths = [int(d) for d in eval_depths.split(",")] if eval_depths else []
-    except ValueError:
-        die(f"eval_depths must be a comma-separated list of integers (got {eval_depths!r})")
-    if any(d < 1 for d in depths):
-        die(f"eval_depths entries must be >= 1 (got {eval_depths!r})")
-    try:
         torch.device(device)
         ModelConfig(**{k: config[k] for k in MODEL_FIELDS})  # the model's own checks, before any work
     except (RuntimeError, ValueError) as e:
@@ -109,6 +103,9 @@ def check_settings():
 
 
 check_settings()
+# the depths of the val loss at each evaluation; mean_recurrence is always one of them
+val_depths = sorted(set(int_list("eval_depths", eval_depths) if eval_depths else [1, 4, 2 * mean_recurrence])
+                    | {mean_recurrence})
 
 # ---- distributed setup: torchrun sets RANK; NCCL on CUDA, gloo on CPU ----
 ddp = "RANK" in os.environ
@@ -260,11 +257,10 @@ def get_lr(i):
 def evaluate():
     """Mean loss over eval_iters fixed batches: train at mean_recurrence, val at each eval depth. Its
     random draws are forked off, so evaluating never changes what training does next."""
-    depths = [int(d) for d in eval_depths.split(",")] if eval_depths else [1, 4, 2 * mean_recurrence]
     raw_model.eval()
     out = {}
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
-        for split, split_depths in (("train", [mean_recurrence]), ("val", sorted(set(depths) | {mean_recurrence}))):
+        for split, split_depths in (("train", [mean_recurrence]), ("val", val_depths)):
             for r in split_depths:
                 g = torch.Generator().manual_seed(seed)
                 torch.manual_seed(seed)
