@@ -40,6 +40,9 @@ def trained_toy_model():
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+# train.py on the shell game at a size that trains in seconds
+TINY_TRAIN = [ROOT / "config/demo.py", "--device=cpu", "--n_embd=32", "--intermediate_size=64", "--batch_size=16",
+              "--eval_iters=2", "--log_interval=5", "--warmup_iters=5", "--lr_decay_iters=40"]
 
 
 def run_script(script, *args, cwd, timeout=300, env=None):
@@ -50,6 +53,13 @@ def run_script(script, *args, cwd, timeout=300, env=None):
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def train_tiny(cwd, *args, **kw):
+    """train.py with TINY_TRAIN and args, in cwd; it must succeed. Returns the CompletedProcess."""
+    run = run_script("train.py", *TINY_TRAIN, *args, cwd=cwd, **kw)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
 
 
 def make_shellgame(path):

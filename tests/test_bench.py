@@ -10,7 +10,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ModelConfig, RecurrentGPT
+from conftest import tiny_config
+from model import RecurrentGPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +24,7 @@ def test_estimate_flops_matches_flop_counter(layers, num_steps):
     split of the depth into no-grad and grad iterations (the math attention backend: FlopCounterMode does
     not see the CPU's fused attention kernel)."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=96, block_size=32, n_embd=32, n_head=2, intermediate_size=48, n_core=2,
-                         backprop_depth=2, **layers)
-    model = RecurrentGPT(config).train()
+    model = RecurrentGPT(tiny_config(vocab_size=96, block_size=32, intermediate_size=48, **layers)).train()
     idx = torch.randint(0, 96, (3, 32))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         _, loss = model(idx, targets=idx, num_steps=num_steps)

@@ -12,7 +12,8 @@ import regex
 import torch
 
 from huginn import bytes_to_unicode, huginn_config, load_huginn_tokenizer
-from model import ModelConfig, RecurrentGPT, precompute_rope
+from conftest import tiny_config
+from model import RecurrentGPT, precompute_rope
 
 try:
     from safetensors.torch import load_file, save_file
@@ -21,14 +22,13 @@ except ImportError:  # safetensors is optional: only the weight tests need it
 needs_safetensors = pytest.mark.skipif(save_file is None, reason="pip install safetensors")
 
 
-TINY = dict(vocab_size=96, block_size=32, n_embd=32, n_head=2, intermediate_size=48, n_prelude=1, n_core=2,
-            n_coda=1, mean_recurrence=4, backprop_depth=2, state_init="zero")
+TINY = dict(vocab_size=96, block_size=32, intermediate_size=48, state_init="zero")  # over conftest's tiny_config
 
 
 def build(seed=0, **kw):
     """A tiny RecurrentGPT with every weight random, norms and qk_bias included, so a swapped tensor shows."""
     torch.manual_seed(seed)
-    model = RecurrentGPT(ModelConfig(**{**TINY, **kw}))
+    model = RecurrentGPT(tiny_config(**{**TINY, **kw}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -219,7 +219,7 @@ def test_broken_checkpoint_gives_one_line_naming_it(tmp_path, case):
 
 def test_missing_safetensors_names_the_install(tmp_path, monkeypatch):
     """Without the optional safetensors package: one line saying pip install safetensors."""
-    (tmp_path / "config.json").write_text(json.dumps(release_config(ModelConfig(**TINY))))
+    (tmp_path / "config.json").write_text(json.dumps(release_config(tiny_config(**TINY))))
     monkeypatch.setitem(sys.modules, "safetensors", None)  # makes the import fail
     with pytest.raises(ImportError) as err:
         RecurrentGPT.from_huginn(tmp_path)

@@ -1,7 +1,6 @@
 """Bad input gets one clear line, never a traceback; checkpoints are atomic, plain data and resumable after
 SIGKILL or Ctrl-C; non-finite losses never reach a checkpoint. Each test also checks no file was lost."""
 
-import json
 import os
 import random
 import runpy
@@ -14,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_shellgame, run_script
+from conftest import ROOT, TINY_TRAIN, make_shellgame, run_script, train_tiny
 from model import read_checkpoint
 
-TINY = [ROOT / "config/demo.py", "--device=cpu", "--n_embd=32", "--intermediate_size=64", "--batch_size=16",
-        "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--lr_decay_iters=40"]
+TINY = [*TINY_TRAIN, "--log_interval=1"]  # a log line at every step: the kill tests watch for them
 
 
 def one_line_error(run, code, *needles):
@@ -121,9 +119,7 @@ def test_damaged_data_gives_one_line(shellgame_dir, damage, needles):
 # ---- checkpoints ----
 
 def train(cwd, *args, **kw):
-    run = run_script("train.py", *TINY, *args, cwd=cwd, **kw)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run
+    return train_tiny(cwd, "--log_interval=1", *args, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,7 @@ import sys
 
 import torch
 
-from conftest import ROOT, run_script
-
-TINY = [ROOT / "config/demo.py", "--device=cpu", "--n_embd=32", "--intermediate_size=64", "--batch_size=16",
-        "--eval_iters=2", "--log_interval=5", "--warmup_iters=5", "--lr_decay_iters=40"]
-
-
-def train(cwd, *args, **kw):
-    run = run_script("train.py", *TINY, *args, cwd=cwd, **kw)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run
+from conftest import ROOT, TINY_TRAIN, train_tiny as train
 
 
 def weights(path):
@@ -53,7 +44,7 @@ def free_port():
 
 def torchrun(cwd, launcher_args, out_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(ROOT / "train.py"),
-           *map(str, TINY), "--max_iters=8", "--eval_interval=4", f"--out_dir={out_dir}",
+           *map(str, TINY_TRAIN), "--max_iters=8", "--eval_interval=4", f"--out_dir={out_dir}",
            "--gradient_accumulation_steps=2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
