@@ -143,23 +143,21 @@ with open(meta_path) as f:
     meta = json.load(f)
 
 
+def split_files(split):
+    """The files of one split as (path, dtype): the tokens, then for a rows data set the targets."""
+    files = [(os.path.join(data_dir, f"{split}.bin"), meta["dtype"])]
+    if meta["layout"] == "rows":
+        files.append((os.path.join(data_dir, f"{split}_targets.bin"), "int16"))
+    return files
+
+
 def open_split(split):
-    """Memory-map one split, checking its size against meta.json; returns (tokens, targets or None)."""
-    rows = meta["layout"] == "rows"
-    count = meta["rows"][split] * meta["row_len"] if rows else meta["tokens"][split]
-    arrays = []
-    for name, dt in [(split, meta["dtype"])] + ([(f"{split}_targets", "int16")] if rows else []):
-        path = os.path.join(data_dir, f"{name}.bin")
-        if not os.path.isfile(path):
-            die(f"{path} is missing: rerun prepare_data.py", code=1)
-        expected = count * np.dtype(dt).itemsize
-        if os.path.getsize(path) != expected:
-            die(f"{path} has {os.path.getsize(path)} bytes, meta.json says {expected} ({count} x {dt}): "
-                "truncated or written with another dtype; rerun prepare_data.py", code=1)
-        # a fresh memmap per batch, as nanoGPT: a long-lived one grows the process's memory
-        data = np.memmap(path, dtype=dt, mode="r")
-        arrays.append(data.reshape(-1, meta["row_len"]) if rows else data)
-    return arrays[0], (arrays[1] if rows else None)
+    """Memory-map one split: (tokens, targets or None). A fresh memmap per batch, as nanoGPT: a long-lived
+    one grows the process's memory."""
+    arrays = [np.memmap(path, dtype=dt, mode="r") for path, dt in split_files(split)]
+    if meta["layout"] == "rows":
+        return arrays[0].reshape(-1, meta["row_len"]), arrays[1].reshape(-1, meta["row_len"])
+    return arrays[0], None
 
 
 def get_batch(split, generator):
@@ -181,13 +179,20 @@ def get_batch(split, generator):
     return x.to(device), y.to(device)
 
 
-for split in ("train", "val"):
-    tokens, _ = open_split(split)
-    if meta["layout"] == "rows" and block_size < meta["row_len"]:
-        die(f"block_size ({block_size}) must be >= the row length of {data_dir} ({meta['row_len']})")
-    if meta["layout"] == "stream" and len(tokens) <= block_size:
+for split in ("train", "val"):  # every file whole, checked once against meta.json
+    count = meta["rows"][split] * meta["row_len"] if meta["layout"] == "rows" else meta["tokens"][split]
+    for path, dt in split_files(split):
+        if not os.path.isfile(path):
+            die(f"{path} is missing: rerun prepare_data.py", code=1)
+        expected = count * np.dtype(dt).itemsize
+        if os.path.getsize(path) != expected:
+            die(f"{path} has {os.path.getsize(path)} bytes, meta.json says {expected} ({count} x {dt}): "
+                "truncated or written with another dtype; rerun prepare_data.py", code=1)
+    if meta["layout"] == "stream" and count <= block_size:
         die(f"block_size ({block_size}) must be smaller than the {split} split of {data_dir} "
-            f"({len(tokens)} tokens): lower --block_size or give more text")
+            f"({count} tokens): lower --block_size or give more text")
+if meta["layout"] == "rows" and block_size < meta["row_len"]:
+    die(f"block_size ({block_size}) must be >= the row length of {data_dir} ({meta['row_len']})")
 
 # ---- model, optimizer, checkpoint ----
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
