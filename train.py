@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, die, int_list
+from configurator import configure, die, int_list, keep_freed_memory
 from model import ModelConfig, RecurrentGPT, read_checkpoint, save_checkpoint
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -132,6 +132,8 @@ autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+elif device_type == "cpu":
+    keep_freed_memory()
 
 # ---- data ----
 data_dir = os.path.join("data", dataset)
