@@ -37,7 +37,8 @@ def keep_freed_memory():
     """For training on CPU under glibc (Linux). By default glibc gives large freed blocks back to the system
     and the next step faults them in again page by page: 10-15% of a step at n_embd 256, as system time,
     and more on some models than on others. Fixed thresholds keep freed memory for reuse, as PyTorch's
-    caching allocator does on CUDA. Returns whether the setting took (False off Linux and glibc)."""
+    caching allocator does on CUDA; the process then keeps its peak resident. Returns whether the setting
+    took (False off Linux and glibc)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
     if mallopt is None:
         return False
