@@ -7,7 +7,8 @@ config files and --key=value flags override them, left to right:
 A value takes the type of its default: a bare --flag sets a bool setting to True, an int is accepted
 where a float is expected, a str setting takes the text as written, and a setting whose default is None
 takes any Python literal. Any mistake (an unknown key, a wrong type, a missing file) stops the script
-with one line on stderr and exit code 2.
+with one line on stderr and exit code 2. The scripts also share a few helpers from here: die, int_list,
+and keep_freed_memory (a process setting for CPU training).
 """
 
 import ast
