@@ -1,5 +1,5 @@
 # The fixed-depth baseline for the demo: the same parameters, one pass of the core block, no random depth,
-# and the same wall-clock budget as config/demo.py, so about 2.5x the steps (22 vs 55 ms per step on 2 cores).
+# and about the same wall-clock budget as config/demo.py: 2.3x the steps (~22 vs ~50 ms per step on 2 cores).
 # python train.py config/demo.py config/demo_fixed.py
 out_dir = "out-demo-fixed"
 mean_recurrence = 1
