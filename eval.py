@@ -24,7 +24,7 @@ from model import RecurrentGPT, read_checkpoint
 from prepare_data import shell_game, write
 
 # exit_threshold 1e-4, not the release's 1e-3: on the default model both stay within 0.002 of num_steps=32
-# (1e-4 at ~0.5 more iterations per game), but a model that settles slowly exits too early at 1e-3 (one
+# (1e-4 at up to one more iteration per game), but a model that settles slowly exits too early at 1e-3 (one
 # trained with mean_recurrence=6 lost ~0.05 at n=16)
 defaults = dict(out_dir="out-demo", baseline="", num_steps="1,2,4,8,16,32", exit_threshold=1e-4,
                 exit_max_steps=32, batch_size=500, test_seed=0, test_examples=1000, data_dir="data",
