@@ -23,13 +23,25 @@ def greedy_by_recompute(model, idx, n, num_steps):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("num_steps", [1, 3, 8])
-def test_cached_greedy_equals_full_recompute(dtype, num_steps):
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1 decodes through Linear's one-token path
+def test_cached_greedy_equals_full_recompute(dtype, num_steps, batch):
     """Decoding with the cache gives exactly the tokens of recomputing the whole forward per token."""
     model = build(dtype)
-    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 64, (batch, 7), generator=torch.Generator().manual_seed(1))
     out = model.generate(idx, 16, num_steps=num_steps, top_k=1)
-    assert out.shape == (2, 23)
+    assert out.shape == (batch, 23)
     assert torch.equal(out, greedy_by_recompute(model, idx, 16, num_steps))
+
+
+def test_linear_one_token_path_equals_matmul():
+    """A single token on CPU goes through torch.linalg.vecdot; it must be the same product as F.linear."""
+    torch.manual_seed(0)
+    lin = model_module.Linear(32, 48).double()
+    for shape in [(1, 1, 32), (32,), (2, 1, 32)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        y = lin(x)
+        assert y.shape == (*shape[:-1], 48)
+        torch.testing.assert_close(y, x @ lin.weight.T)
 
 
 def test_exit_threshold_bounds_the_steps():
@@ -81,9 +93,11 @@ def test_kv_budget_fixes_cache_memory(monkeypatch, trained_toy_model):
 
 
 def test_warm_start_changes_only_the_initial_state(monkeypatch):
-    """With warm_start, each decoded token starts from the previous token's final state; the prompt
-    still starts from s_0, so the first new token is unchanged."""
+    """With warm_start, each decoded token starts from the previous token's final state, normed by ln_f as
+    in the release; the prompt still starts from s_0, so the first new token is unchanged."""
     model = build()
+    with torch.no_grad():
+        model.ln_f.weight.uniform_(0.5, 1.5)  # at init ln_f is the identity on the core block's normed output
     idx = torch.randint(0, 64, (2, 5))
     calls = []
     original = model.forward_cached
@@ -96,6 +110,8 @@ def test_warm_start_changes_only_the_initial_state(monkeypatch):
     monkeypatch.setattr(model, "forward_cached", recording)
     warm = model.generate(idx, 6, num_steps=4, top_k=1, warm_start=True)
     assert calls[0][0] is None
+    latents = model.trace(idx, 4, return_states=True)[1]  # the prompt's latents after each iteration
+    torch.testing.assert_close(calls[0][1], model.ln_f(latents[-1][:, -1:]))
     for (_, final_prev), (state, _) in zip(calls[:-1], calls[1:]):
         assert state is final_prev
     cold = model.generate(idx, 6, num_steps=4, top_k=1)
