@@ -50,30 +50,16 @@ def apply_rope(x, rope):
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
 
 
-class Linear(nn.Linear):
-    """A bias-free nn.Linear with one change: a single token on CPU (decoding at batch 1) goes through
-    torch.linalg.vecdot, a broadcast multiply and row sum that torch runs on all threads; it reads the
-    weights ~2.5x faster than MKL's one-threaded matrix-vector product (2-core AMD EPYC; see README)."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        if x.device.type == "cpu" and x.numel() == x.size(-1):
-            return torch.linalg.vecdot(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_id):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
         self.layer_id = layer_id  # which rows of a KVCache this layer reads and writes
-        self.Wqkv = Linear(config.n_embd, 3 * config.n_embd)
+        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         # the release's only bias: a learned offset added to q and k (index 0 and 1) before RoPE
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim)) if config.qk_bias else None
-        self.proj = Linear(config.n_embd, config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x, rope, cache=None, step=0):
         B, T, C = x.shape
@@ -94,8 +80,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.fc = Linear(config.n_embd, 2 * config.intermediate_size)
-        self.proj = Linear(config.intermediate_size, config.n_embd)
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
         a, b = self.fc(x).chunk(2, dim=-1)  # one matmul for both halves
@@ -176,11 +162,11 @@ class RecurrentGPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, d)
         # layer ids count prelude, coda, then core: a KVCache gives the core layers one row per iteration slot
         self.prelude = nn.ModuleList(SandwichBlock(config, i) for i in range(P))
-        self.adapter = Linear(2 * d, d)
+        self.adapter = nn.Linear(2 * d, d, bias=False)
         self.core_block = nn.ModuleList(SandwichBlock(config, P + C + i) for i in range(K))
         self.coda = nn.ModuleList(SandwichBlock(config, P + i) for i in range(C))
         self.ln_f = RMSNorm(d, config.norm_eps)  # applied twice: to s_r before the coda, and after it
-        self.lm_head = Linear(d, config.vocab_size)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
         self.register_buffer("freqs_cis", precompute_rope(d // config.n_head, config.block_size, config.rope_base),
                              persistent=False)
