@@ -331,7 +331,7 @@ class RecurrentGPT(nn.Module):
 
     # ---- inference ----
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping (version counters, views) in the per-token step
     def forward_cached(self, idx, cache, num_steps, exit_threshold=None, state=None):
         """Run the next tokens idx (B, T) through the model, reading and writing the KVCache. Returns the
         next-token logits (B, vocab_size), the iterations each row used (B,) and each row's final latent at
@@ -365,7 +365,7 @@ class RecurrentGPT(nn.Module):
         cache.advance(T, None if exit_threshold is None else steps)
         return logits, steps, self.ln_f(s[:, -1:])
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: the tokens it returns stay ordinary tensors, fit to train on
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
                  kv_budget=None, warm_start=False, return_steps=False):
         """Sample max_new_tokens tokens after idx (B, T), or after each prompt of a list of 1-D LongTensors

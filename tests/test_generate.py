@@ -33,6 +33,20 @@ def test_cached_greedy_equals_full_recompute(dtype, num_steps, batch):
     assert torch.equal(out, greedy_by_recompute(model, idx, 16, num_steps))
 
 
+def test_generated_tokens_can_be_trained_on():
+    """forward_cached runs under inference_mode, generate does not: its tokens, steps and a list's rows are
+    ordinary tensors that a training step can use (inference tensors refuse autograd and in-place writes)."""
+    model = build(torch.float32)
+    out, steps = model.generate(torch.randint(0, 64, (2, 5)), 4, num_steps=2, warm_start=True, exit_threshold=1e-3,
+                                return_steps=True)
+    rows = model.generate([torch.tensor([1, 2, 3]), torch.tensor([4])], 3, num_steps=2)
+    assert not any(t.is_inference() for t in (out, steps, *rows))
+    out[:, 0] = 0  # an in-place write outside inference_mode
+    _, loss = model.train()(out[:, :-1], out[:, 1:], num_steps=2)
+    loss.backward()
+    assert model.wte.weight.grad is not None
+
+
 def test_exit_threshold_bounds_the_steps():
     """Threshold 0 never exits (num_steps for every token); a huge one exits at the first comparison."""
     model = build()
