@@ -346,7 +346,7 @@ class StaticKVCache(KVCache):
         self.index += T
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as generate(): forward_cached itself runs under inference_mode
 def decode(model, prompt, n_tokens, num_steps, cache_class):
     """Greedy decoding through forward_cached: generate()'s loop without the sampling. Returns the new
     tokens, the last logits, and the seconds of the prompt and of the n_tokens steps after it."""
@@ -382,7 +382,7 @@ def kv_cache(model, cache_class, batch_size, num_steps, max_len):
     return cache_class(model.config, batch_size, max_len, num_steps, device=device, dtype=model.wte.weight.dtype)
 
 
-@torch.inference_mode()
+@torch.inference_mode()  # the same mode as forward_cached, so that only the cache differs
 def decode_recompute(model, prompt, n_tokens, num_steps):
     """Greedy decoding without a cache: the full forward over the whole sequence for every new token."""
     idx = prompt
