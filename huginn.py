@@ -1,9 +1,12 @@
 """
-Load the released Huginn-0125 (huggingface.co/tomg-group-umd/huginn-0125, downloaded to a local directory) into
-a RecurrentGPT, and its tokenizer into tiktoken. The release's tensor names are ours behind a "transformer."
-prefix; config.json's keys map onto ModelConfig in huginn_config().
+The released Huginn-0125 (huggingface.co/tomg-group-umd/huginn-0125, downloaded to a local directory), both ways:
+load its weights into a RecurrentGPT and its tokenizer into tiktoken, and export a model trained here in its
+layout, so that the release's own modeling code (and through it Hugging Face and vLLM) reads it:
 
-The tokenizer: a byte-level BPE of 65536 ids whose last ones are special tokens, encoded with
+    python huginn.py --out_dir=out-finetune --export_dir=my-huginn        # a train.py checkpoint, exported
+
+The release's tensor names are ours behind a "transformer." prefix; config.json's keys map onto ModelConfig in
+huginn_config(). The tokenizer: a byte-level BPE of 65536 ids whose last ones are special tokens, encoded with
 enc.encode(text, allowed_special="all") to get the release's ids:
 
     <|begin_text|>    65504   BOS: begins every document, so every prompt starts with it
@@ -14,7 +17,7 @@ enc.encode(text, allowed_special="all") to get the release's ids:
     <|pad|>           65509
 
 Chat format: BOS, then per turn <|begin_header|>role<|end_header|>\\n\\n text <|end_turn|> with the roles system,
-user and Huginn (the assistant); a prompt for an answer ends with an open Huginn header:
+user and Huginn (the assistant); a prompt for an answer ends with an open Huginn header (chat_prompt):
 
     <|begin_text|><|begin_header|>system<|end_header|>\\n\\nYou are a helpful assistant.<|end_turn|>
     <|begin_header|>user<|end_header|>\\n\\nWhat is 7 * 6?<|end_turn|><|begin_header|>Huginn<|end_header|>\\n\\n
@@ -24,12 +27,22 @@ user and Huginn (the assistant); a prompt for an answer ends with an open Huginn
 
 import json
 import math
+import os
 from pathlib import Path
 
 import tiktoken
 import torch
 
+from common import WriteError, atomic_write, configure, die, load_model
 from model import ModelConfig, precompute_rope
+
+# ---- settings of the export (python huginn.py), overridden by --key=value ----
+out_dir = "out"              # the train.py checkpoint to export (out_dir/ckpt.pt)
+export_dir = ""              # where the release's layout is written
+dtype = "float32"            # of the stored weights: "float32" (as trained) or "bfloat16" (as released)
+shard_mib = 4096             # the largest safetensors shard
+
+WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 # the release's config.json key -> our ModelConfig field; every one of them must be present
 CONFIG_KEYS = {"n_embd": "n_embd", "n_layers_in_prelude": "n_prelude", "n_layers_in_recurrent_block": "n_core",
@@ -115,9 +128,9 @@ def load_huginn(cls, path, device=None, dtype=None):
                 raise ValueError(f"tensor {name} in {files[name].name} has shape {list(shape)}, "
                                  f"expected {list(shapes[name])}")
             t = f.get_tensor(name)
-            if name == "freqs_cis":  # (1, T, 1, hd/2, 2) -> our (T, hd/2, 2), values as stored
+            if name == "freqs_cis":  # the release's name for its table: (1, T, 1, hd/2, 2) -> our (T, hd/2, 2)
                 rope = t.reshape(config.block_size, hd // 2, 2)
-                model.freqs_cis = rope.to(device=device, dtype=torch.float32, copy=True)
+                model.rope_table = rope.to(device=device, dtype=torch.float32, copy=True)
             elif name == "lm_head.weight":  # compared with wte in blocks of rows: never a second full copy
                 blocks = zip(t.split(1024), state["wte.weight"].split(1024))
                 if not all(torch.equal(a.to(device=b.device, dtype=b.dtype), b) for a, b in blocks):
@@ -128,7 +141,7 @@ def load_huginn(cls, path, device=None, dtype=None):
     model.load_state_dict(state, strict=False, assign=True)  # assign: the loaded tensors become the parameters
     model.lm_head.weight = model.wte.weight  # assign replaced wte's Parameter: tie the head to the new one
     if "freqs_cis" not in files:
-        model.freqs_cis = precompute_rope(hd, config.block_size, config.rope_base).to(device=device)
+        model.rope_table = precompute_rope(hd, config.block_size, config.rope_base).to(device=device)
     return model.eval()
 
 
@@ -160,3 +173,76 @@ def load_huginn_tokenizer(path):
     special_ids = set(specials.values())
     ranks = {bytes(byte_of[c] for c in s): i for s, i in tok["model"]["vocab"].items() if i not in special_ids}
     return tiktoken.Encoding("huginn-0125", pat_str=regexes[0], mergeable_ranks=ranks, special_tokens=specials)
+
+
+def chat_prompt(prompt, system=""):
+    """The release's chat format up to Huginn's answer: BOS, a system turn if given, the user's turn, and the
+    open header of Huginn's turn (the answer and its <|end_turn|> follow)."""
+    turns = ([("system", system)] if system else []) + [("user", prompt)]
+    return ("<|begin_text|>" + "".join(f"<|begin_header|>{role}<|end_header|>\n\n{text}<|end_turn|>" for role, text in turns)
+            + "<|begin_header|>Huginn<|end_header|>\n\n")
+
+
+def release_config(config, torch_dtype, source=None):
+    """config.json for ModelConfig config in the release's keys: the source's config.json (its token ids,
+    auto_map, ...) where there is one, with every key that describes the model set from config."""
+    cfg = dict(source or {"architectures": ["RavenForCausalLM"], "model_type": "huginn_raven", "auto_map": {
+        "AutoConfig": "raven_config_minimal.RavenConfig", "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"},
+        "architecture_class_name": "RecurrentGPT", "block_class_name": "SandwichBlock", "norm_class_name": "RMSNorm_llama",
+        "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU", "injection_type": "linear", "bias": False,
+        "sampling_scheme": "poisson-lognormal-filling", "activation_checkpoint_impl": "per-iteration"})
+    cfg.update({key: getattr(config, ours) for key, ours in CONFIG_KEYS.items()})
+    cfg.update(n_heads=config.n_head, num_attention_heads=config.n_head, num_key_value_heads=config.n_head,
+               n_layers=config.n_prelude + config.n_core + config.n_coda, padded_vocab_size=config.vocab_size,
+               tie_embeddings=True, rope_base=config.rope_base, torch_dtype=torch_dtype, state_init="like-init",
+               init_values={"std": math.sqrt(2 / (5 * config.n_embd)), "embed_scale": math.sqrt(config.n_embd)})
+    return cfg
+
+
+def save_huginn(model, path, source_dir=None, dtype=None, shard_bytes=4 << 30):
+    """Write model in the release's layout to the directory path: config.json with the release's keys,
+    safetensors shards of at most shard_bytes with model.safetensors.index.json (written last: it names only
+    whole shards), and the tokenizer and modeling-code files of source_dir (the release it was fine-tuned from)
+    when there is one. dtype None keeps the weights' own. Every file is written atomically (WriteError)."""
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise ImportError("exporting to the release's layout needs safetensors: pip install safetensors") from None
+    tensors = {"transformer." + k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in model.state_dict().items() if k != "lm_head.weight"}  # the head is tied to wte
+    shards = [[]]
+    for name, t in tensors.items():
+        if shards[-1] and sum(tensors[n].nbytes for n in shards[-1]) + t.nbytes > shard_bytes:
+            shards.append([])
+        shards[-1].append(name)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    source = Path(source_dir) if source_dir else None
+    for file in sorted(source.iterdir()) if source else []:  # tokenizer, generation config, modeling code
+        if file.is_file() and file.name not in WEIGHT_FILES and not file.name.endswith((".safetensors", ".bin")):
+            atomic_write(os.path.join(path, file.name), file.read_bytes())
+    source_cfg = json.loads((source / "config.json").read_text()) if source and (source / "config.json").exists() else None
+    torch_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    atomic_write(os.path.join(path, "config.json"),
+                 json.dumps(release_config(model.config, torch_dtype, source_cfg), indent=2).encode())
+    for file, names in zip(files, shards):
+        atomic_write(os.path.join(path, file), save({n: tensors[n] for n in names}, metadata={"format": "pt"}))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": {n: file for file, names in zip(files, shards) for n in names}}
+    atomic_write(os.path.join(path, "model.safetensors.index.json"), json.dumps(index, indent=2).encode())
+
+
+if __name__ == "__main__":
+    config = configure(globals())
+    if not export_dir:
+        die("give --export_dir=DIR, where the release's layout is written")
+    if dtype not in ("float32", "bfloat16"):
+        die(f"dtype must be 'float32' or 'bfloat16' (got {dtype!r})")
+    print(f"huginn: {json.dumps(config)}")
+    try:
+        model, checkpoint = load_model(out_dir, "cpu")
+        source = checkpoint.get("config", {}).get("huginn_dir") or None  # set when it was fine-tuned from the release
+        save_huginn(model, export_dir, source, getattr(torch, dtype), shard_mib << 20)
+    except (ValueError, ImportError, WriteError) as e:
+        die(str(e), code=1)
+    print(f"wrote {export_dir}: {model.get_num_params():,} parameters in {dtype}"
+          + (f", with the tokenizer and code files of {source}" if source else ""))

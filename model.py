@@ -14,13 +14,12 @@ warm start.
 """
 
 import math
-import operator
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -33,26 +32,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without bias. Decoding sends a few rows through each weight, and for those MKL's float32 and
-    float64 CPU kernels read the weight on one core; as a batch of two products, one per half of the weight,
-    they read it on two: 1.5-2x faster for weights of 128K entries or more (README, Performance). Elsewhere
-    (CUDA, bfloat16, training's many rows, small weights) it is plain F.linear."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-        self.splittable = in_features * out_features >= 2**17 and out_features % 2 == 0  # decided once: cheap
-
-    def forward(self, x):
-        if (not self.splittable or x.numel() > 16 * self.in_features or x.device.type != "cpu"
-                or x.dtype not in (torch.float32, torch.float64)):
-            return F.linear(x, self.weight)
-        rows = x.numel() // self.in_features
-        halves = self.weight.view(2, self.out_features // 2, self.in_features).transpose(1, 2)
-        y = torch.bmm(x.reshape(1, rows, self.in_features).expand(2, -1, -1), halves)  # (2, rows, out / 2)
-        return y.transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
 
 
 def precompute_rope(head_dim, block_size, base):
@@ -76,12 +55,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
         self.layer_id = layer_id  # which rows of a KVCache this layer reads and writes
-        self.Wqkv = Linear(config.n_embd, 3 * config.n_embd)
+        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         # the release's only bias: a learned offset added to q and k (index 0 and 1) before RoPE
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim)) if config.qk_bias else None
-        self.proj = Linear(config.n_embd, config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, rope, cache=None, step=0):
+    def forward(self, x, rope, cache=None, iteration=0):
         B, T, C = x.shape
         qkv = self.Wqkv(x).view(B, T, 3, self.n_head, self.head_dim)
         qk, v = qkv[:, :, :2], qkv[:, :, 2].transpose(1, 2)  # q and k go through the bias and RoPE together
@@ -90,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(qk, rope).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         mask = None
         if cache is not None:
-            k, v, mask = cache.update(self.layer_id, step, k, v)
+            k, v, mask = cache.update(self.layer_id, iteration, k, v)
         # without a mask, a prefill is plainly causal and a single decoded token sees every cached key
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -100,8 +79,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.fc = Linear(config.n_embd, 2 * config.intermediate_size)
-        self.proj = Linear(config.intermediate_size, config.n_embd)
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
         a, b = self.fc(x).chunk(2, dim=-1)  # one matmul for both halves
@@ -121,8 +100,8 @@ class SandwichBlock(nn.Module):
         self.mlp = GatedMLP(config)
         self.norm_4 = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x, rope, cache=None, step=0):
-        x = self.norm_2(x + self.attn(self.norm_1(x), rope, cache, step))
+    def forward(self, x, rope, cache=None, iteration=0):
+        x = self.norm_2(x + self.attn(self.norm_1(x), rope, cache, iteration))
         return self.norm_4(x + self.mlp(self.norm_3(x)))
 
 
@@ -144,33 +123,33 @@ class ModelConfig:
     state_init: str = "like-init"  # s_0: "like-init" (truncated normal, as the embeddings) or "zero"
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_embd", "n_head", "intermediate_size", "n_core",
-                     "mean_recurrence", "backprop_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("n_prelude", "n_coda"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "intermediate_size", "n_prelude", "n_core",
+                     "n_coda", "mean_recurrence", "backprop_depth"):
+            low = 0 if name in ("n_prelude", "n_coda") else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} (got {getattr(self, name)})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
                              "into an even head size (RoPE rotates pairs of dims)")
-        check_state_init(self.state_init)
+        if self.state_init not in ("like-init", "zero"):
+            raise ValueError(f"state_init must be 'like-init' or 'zero' (got {self.state_init!r})")
 
 
-def check_state_init(state_init):
-    if state_init not in ("like-init", "zero"):
-        raise ValueError(f"state_init must be 'like-init' or 'zero' (got {state_init!r})")
-
-
-def check_num_steps(num_steps):
-    """num_steps as an int >= 1, or a ValueError naming it."""
-    try:
-        r = operator.index(num_steps)
-    except TypeError:
-        raise ValueError(f"num_steps must be an integer >= 1 (got {num_steps!r})") from None
-    if r < 1:
-        raise ValueError(f"num_steps must be >= 1 (got {r})")
-    return r
+def check_sampling(num_steps, max_new_tokens=1, temperature=1.0, top_k=None, exit_threshold=None, kv_budget=None):
+    """The arguments of generate(), checked without a model (scripts check their flags before a long load):
+    a ValueError naming the first bad one."""
+    def ensure(ok, name, value, allowed):
+        if not ok:
+            raise ValueError(f"{name} must be {allowed} (got {value!r})")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    integer = lambda v: number(v) and isinstance(v, int) and v >= 1
+    ensure(integer(num_steps), "num_steps", num_steps, "an integer >= 1")
+    ensure(integer(max_new_tokens), "max_new_tokens", max_new_tokens, "an integer >= 1")
+    ensure(top_k is None or integer(top_k), "top_k", top_k, "an integer >= 1")
+    ensure(kv_budget is None or integer(kv_budget), "kv_budget", kv_budget, "an integer >= 1")
+    ensure(number(temperature) and temperature > 0, "temperature", temperature, "a number > 0")
+    ensure(exit_threshold is None or number(exit_threshold) and exit_threshold >= 0, "exit_threshold",
+           exit_threshold, "a number >= 0")
 
 
 class RecurrentGPT(nn.Module):
@@ -182,14 +161,15 @@ class RecurrentGPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, d)
         # layer ids count prelude, coda, then core: a KVCache gives the core layers one row per iteration slot
         self.prelude = nn.ModuleList(SandwichBlock(config, i) for i in range(P))
-        self.adapter = Linear(2 * d, d)
+        self.adapter = nn.Linear(2 * d, d, bias=False)
         self.core_block = nn.ModuleList(SandwichBlock(config, P + C + i) for i in range(K))
         self.coda = nn.ModuleList(SandwichBlock(config, P + i) for i in range(C))
         self.ln_f = RMSNorm(d, config.norm_eps)  # applied twice: to s_r before the coda, and after it
-        self.lm_head = Linear(d, config.vocab_size)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        self.register_buffer("freqs_cis", precompute_rope(d // config.n_head, config.block_size, config.rope_base),
+        self.register_buffer("rope_table", precompute_rope(d // config.n_head, config.block_size, config.rope_base),
                              persistent=False)
+        self.activation_checkpointing = False  # training: recompute each grad iteration in the backward pass
         self.init_weights()
 
     def init_weights(self):
@@ -211,18 +191,111 @@ class RecurrentGPT(nn.Module):
                     nn.init.trunc_normal_(p[h:], 0.0, out_std, -3 * out_std, 3 * out_std)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device=None):
-        """The model saved in a checkpoint dict (see read_checkpoint), in eval mode."""
-        try:
-            model = cls(ModelConfig(**checkpoint["model_args"]))
-            model.load_state_dict(checkpoint["model"])
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"the checkpoint does not hold a valid model ({str(e).splitlines()[0]})") from None
-        return model.to(device).eval()
+    def from_huginn(cls, path, device=None, dtype=None):
+        """The released Huginn-0125 from its local directory, in eval mode with a zero initial state (its logits
+        are then the release's); dtype None keeps the stored bfloat16. huginn.py maps the names and keys."""
+        from huginn import load_huginn  # imported here: huginn.py imports this file, and needs safetensors
+        return load_huginn(cls, path, device, dtype)
 
     def get_num_params(self):
         """Parameters counted once (the tied lm_head is the embedding); the core's are reused num_steps times."""
         return sum(p.numel() for p in self.parameters())
+
+    # ---- the three stages ----
+
+    def rope_at(self, pos):
+        """The RoPE table's rows at positions pos (a slice, (T,) or (B, T)), shaped for apply_rope."""
+        return self.rope_table[pos][..., None, None, :, :]
+
+    def embed(self, idx, rope, cache=None):
+        """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
+        x = self.wte(idx) * math.sqrt(self.config.n_embd)
+        for block in self.prelude:
+            x = block(x, rope, cache)
+        return x
+
+    def initial_state(self, e):
+        """s_0 for the recurrence, read from config.state_init at call time (eval.py switches it to zero)."""
+        if self.config.state_init == "zero":
+            return torch.zeros_like(e)
+        if self.config.state_init != "like-init":
+            raise ValueError(f"state_init must be 'like-init' or 'zero' (got {self.config.state_init!r})")
+        std = math.sqrt(2 / (5 * self.config.n_embd))
+        s = nn.init.trunc_normal_(torch.empty(e.shape, device=e.device), 0.0, std, -3 * std, 3 * std)
+        return (s * math.sqrt(self.config.n_embd)).to(e.dtype)
+
+    def core_iteration(self, s, e, rope, cache=None, iteration=0):
+        """One iteration s_i = R(e, s_{i-1}): the adapter re-injects the prelude output e every time."""
+        x = self.adapter(torch.cat([s, e], dim=-1))
+        for block in self.core_block:
+            x = block(x, rope, cache, iteration)
+        return x
+
+    def coda_head(self, s, rope, cache=None):
+        """The coda C on the normed latent, then ln_f again and the tied head; logits in float32."""
+        x = self.ln_f(s)
+        for block in self.coda:
+            x = block(x, rope, cache)
+        return self.lm_head(self.ln_f(x)).float()
+
+    def forward(self, idx, targets=None, num_steps=None):
+        """Logits (B, T, vocab_size) for every position and the mean cross-entropy over targets != -1
+        (None without targets). num_steps: None (training: drawn by sample_num_steps; eval: mean_recurrence),
+        an int r (gradients through the last min(r, backprop_depth) iterations) or a pair (n_no_grad, n_grad)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        n_no_grad, n_grad = self.split_num_steps(num_steps)
+        rope = self.rope_at(slice(T))
+        e = self.embed(idx, rope)
+        s = self.initial_state(e)
+        with torch.no_grad():  # truncated backprop: the first iterations build no graph, so memory stays flat
+            for _ in range(n_no_grad):
+                s = self.core_iteration(s, e, rope)
+        for _ in range(n_grad):  # checkpointed, an iteration keeps only its input s for the backward pass
+            s = (checkpoint(self.core_iteration, s, e, rope, use_reentrant=False) if self.activation_checkpointing
+                 else self.core_iteration(s, e, rope))
+        logits = self.coda_head(s, rope)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def split_num_steps(self, num_steps):
+        """forward's num_steps as (n_no_grad, n_grad)."""
+        if num_steps is None:
+            if self.training:
+                return self.sample_num_steps()
+            num_steps = self.config.mean_recurrence
+        if isinstance(num_steps, (tuple, list)):
+            if min(num_steps) < 0 or sum(num_steps) < 1:
+                raise ValueError(f"num_steps as a pair (n_no_grad, n_grad) needs both >= 0 and a sum >= 1 "
+                                 f"(got {tuple(num_steps)})")
+            return tuple(num_steps)
+        check_sampling(num_steps)
+        n_grad = min(num_steps, self.config.backprop_depth)
+        return num_steps - n_grad, n_grad
+
+    # ---- training helpers ----
+
+    def sample_num_steps(self, generator=None):
+        """The paper's depth sampler: lambda ~ LogNormal(log(mean_recurrence) - sigma^2 / 2, sigma = 0.5),
+        r = Poisson(lambda) + 1, so E[r] = mean_recurrence + 1 with a heavy tail. Pass the same seeded
+        generator on every DDP rank and all ranks run the same depth. Returns (n_no_grad, n_grad)."""
+        sigma = 0.5
+        mu = math.log(self.config.mean_recurrence) - sigma ** 2 / 2
+        lam = torch.empty(1).log_normal_(mu, sigma, generator=generator)
+        r = int(torch.poisson(lam, generator=generator).item()) + 1
+        n_grad = min(r, self.config.backprop_depth)
+        return r - n_grad, n_grad
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; matrices (embedding included) decay, norm weights and qk_bias do not."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (decay if p.dim() >= 2 and not name.endswith(".qk_bias") else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def estimate_flops(self, batch_size, seq_len, n_no_grad, n_grad):
         """FLOPs of one training step (forward + backward) at the depth actually run, matmuls only.
@@ -246,109 +319,6 @@ class RecurrentGPT(nn.Module):
         backward = 2 * ((cfg.n_prelude * block if n_grad else 0) + n_grad * core + cfg.n_coda * block + head)
         return forward + backward
 
-    # ---- the three stages ----
-
-    def rope_at(self, pos):
-        """The RoPE table's rows at positions pos (a slice, (T,) or (B, T)), shaped for apply_rope."""
-        return self.freqs_cis[pos][..., None, None, :, :]
-
-    def embed(self, idx, rope, cache=None):
-        """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
-        x = self.wte(idx) * math.sqrt(self.config.n_embd)
-        for block in self.prelude:
-            x = block(x, rope, cache)
-        return x
-
-    def initial_state(self, e):
-        """s_0 for the recurrence, read from config.state_init at call time."""
-        check_state_init(self.config.state_init)
-        if self.config.state_init == "zero":
-            return torch.zeros_like(e)
-        std = math.sqrt(2 / (5 * self.config.n_embd))
-        s = nn.init.trunc_normal_(torch.empty(e.shape, device=e.device), 0.0, std, -3 * std, 3 * std)
-        return (s * math.sqrt(self.config.n_embd)).to(e.dtype)
-
-    def core_step(self, s, e, rope, cache=None, step=0):
-        """One iteration s_i = R(e, s_{i-1}): the adapter re-injects the prelude output e every time."""
-        x = self.adapter(torch.cat([s, e], dim=-1))
-        for block in self.core_block:
-            x = block(x, rope, cache, step)
-        return x
-
-    def coda_head(self, s, rope, cache=None):
-        """The coda C on the normed latent, then ln_f again and the tied head; logits in float32."""
-        x = self.ln_f(s)
-        for block in self.coda:
-            x = block(x, rope, cache)
-        return self.lm_head(self.ln_f(x)).float()
-
-    # ---- training ----
-
-    def sample_num_steps(self, generator=None):
-        """The paper's depth sampler: lambda ~ LogNormal(log(mean_recurrence) - sigma^2 / 2, sigma = 0.5),
-        r = Poisson(lambda) + 1, so E[r] = mean_recurrence + 1 with a heavy tail. Pass the same seeded
-        generator on every DDP rank and all ranks run the same depth. Returns (n_no_grad, n_grad)."""
-        sigma = 0.5
-        mu = math.log(self.config.mean_recurrence) - sigma ** 2 / 2
-        lam = torch.empty(1).log_normal_(mu, sigma, generator=generator)
-        r = int(torch.poisson(lam, generator=generator).item()) + 1
-        n_grad = min(r, self.config.backprop_depth)
-        return r - n_grad, n_grad
-
-    def split_num_steps(self, num_steps):
-        """(n_no_grad, n_grad) from num_steps: None (training: sampled; eval: mean_recurrence), an int r
-        (gradients through the last min(r, backprop_depth) iterations) or an explicit pair."""
-        if num_steps is None:
-            if self.training:
-                return self.sample_num_steps()
-            num_steps = self.config.mean_recurrence
-        if isinstance(num_steps, (tuple, list)):
-            n_no_grad, n_grad = num_steps
-            if n_no_grad < 0 or n_grad < 0 or n_no_grad + n_grad < 1:
-                raise ValueError(f"num_steps as a pair (n_no_grad, n_grad) needs both >= 0 and a sum >= 1 "
-                                 f"(got {tuple(num_steps)})")
-            return n_no_grad, n_grad
-        r = check_num_steps(num_steps)
-        n_grad = min(r, self.config.backprop_depth)
-        return r - n_grad, n_grad
-
-    def forward(self, idx, targets=None, num_steps=None):
-        """Logits (B, T, vocab_size) for every position and the mean cross-entropy over targets != -1
-        (None without targets)."""
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        n_no_grad, n_grad = self.split_num_steps(num_steps)
-        rope = self.rope_at(slice(T))
-        e = self.embed(idx, rope)
-        s = self.initial_state(e)
-        with torch.no_grad():  # truncated backprop: the first iterations build no graph, so memory stays flat
-            for _ in range(n_no_grad):
-                s = self.core_step(s, e, rope)
-        for _ in range(n_grad):
-            s = self.core_step(s, e, rope)
-        logits = self.coda_head(s, rope)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; matrices (embedding included) decay, norm weights and qk_bias do not."""
-        params = dict(self.named_parameters())
-        decay = [p for n, p in params.items() if p.dim() >= 2 and not n.endswith(".qk_bias")]
-        no_decay = [p for n, p in params.items() if not (p.dim() >= 2 and not n.endswith(".qk_bias"))]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
-
-    @classmethod
-    def from_huginn(cls, path, device=None, dtype=None):
-        """The released Huginn-0125 from its local directory (huginn.py maps names and keys and loads shard by
-        shard), in eval mode, with zero initial state so that its logits are the release's. dtype None keeps the
-        stored bfloat16 (about 7 GB); torch.float32 doubles that."""
-        from huginn import load_huginn  # imported here: huginn.py imports this file, and needs safetensors
-        return load_huginn(cls, path, device, dtype)
-
     # ---- inference ----
 
     @torch.inference_mode()  # no autograd bookkeeping (version counters, views) in the per-token step
@@ -366,7 +336,7 @@ class RecurrentGPT(nn.Module):
         logp = None
         for i in range(num_steps):
             cache.active = active
-            s_next = self.core_step(s, e, rope, cache, i)
+            s_next = self.core_iteration(s, e, rope, cache, i)
             if active is None:
                 s = s_next
                 continue
@@ -387,7 +357,7 @@ class RecurrentGPT(nn.Module):
 
     @torch.no_grad()  # not inference_mode: the tokens it returns stay ordinary tensors, fit to train on
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
-                 kv_budget=None, warm_start=False, return_steps=False):
+                 kv_budget=None, warm_start=False, return_steps=False, on_token=None):
         """Sample max_new_tokens tokens after idx (B, T), or after each prompt of a list of 1-D LongTensors
         (left-padded into one batch; each gets exactly what generating it alone gives). Returns the tokens,
         prompt included ((B, T + max_new_tokens), or a list for a list), and with return_steps also the
@@ -400,36 +370,29 @@ class RecurrentGPT(nn.Module):
         kv_budget       at most this many iteration slots per core layer in the cache (KV-cache sharing)
         warm_start      start each token's state from the previous token's final state, normed by ln_f
                         (continuous CoT)
+        on_token        called with each new column of tokens (B, 1) as it is sampled (streaming)
 
         The cache is allocated once for prompt + max_new_tokens, which must fit in block_size: unlike
         nanoGPT, which crops the context, this raises a ValueError (a crop would mean rebuilding the cache)."""
+        num_steps = self.config.mean_recurrence if num_steps is None else num_steps
+        check_sampling(num_steps, max_new_tokens, temperature, top_k, exit_threshold, kv_budget)
         prompts = list(idx) if isinstance(idx, (list, tuple)) else None
         if prompts is not None:
             if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
                 raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
-            idx, valid = left_pad(prompts, self.freqs_cis.device)
+            idx, valid = left_pad(prompts, self.rope_table.device)
         B, T = idx.shape
-        num_steps = check_num_steps(self.config.mean_recurrence if num_steps is None else num_steps)
         if T == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                              f"({self.config.block_size}): shorten one of them")
         if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (got {int(idx.min())}.."
                              f"{int(idx.max())})")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {temperature})")
-        if exit_threshold is not None and not exit_threshold >= 0:
-            raise ValueError(f"exit_threshold must be >= 0 (got {exit_threshold})")
-        for name, value in (("top_k", top_k), ("kv_budget", kv_budget)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (got {value})")
         valid = None if prompts is None else F.pad(valid, (0, max_new_tokens), value=True)
-        cache = KVCache(self.config, B, T + max_new_tokens, KVCache.n_slots_for(num_steps, kv_budget), valid,
-                        idx.device, self.wte.weight.dtype)
+        n_slots = min(kv_budget or num_steps, num_steps)  # one per iteration, or kv_budget shared ones
+        cache = KVCache(self.config, B, T + max_new_tokens, n_slots, valid, idx.device, self.wte.weight.dtype)
         steps = torch.zeros(B, max_new_tokens, dtype=torch.long, device=idx.device)
         x, state = idx, None
         for t in range(max_new_tokens):
@@ -441,6 +404,8 @@ class RecurrentGPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, -float("inf"))
             x = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat([idx, x], dim=1)
+            if on_token is not None:
+                on_token(x)
         out = idx if prompts is None else [row[T - len(p):] for row, p in zip(idx, prompts)]
         return (out, steps) if return_steps else out
 
@@ -449,19 +414,25 @@ class RecurrentGPT(nn.Module):
         """A logit lens on the recurrence: the latent after every iteration, decoded through ln_f, the coda
         and the head. Returns logits (num_steps, B, T, vocab_size), with return_states also the latents
         (num_steps, B, T, n_embd)."""
-        num_steps = check_num_steps(num_steps)
+        check_sampling(num_steps)
         rope = self.rope_at(slice(idx.size(1)))
         e = self.embed(idx, rope)
         s = self.initial_state(e)
         logits, states = [], []
         for _ in range(num_steps):
-            s = self.core_step(s, e, rope)
+            s = self.core_iteration(s, e, rope)
             states.append(s)
             logits.append(self.coda_head(s, rope))
         return (torch.stack(logits), torch.stack(states)) if return_states else torch.stack(logits)
 
 
-# ---- inference state and checkpoint files: used by RecurrentGPT's methods above ----
+def left_pad(prompts, device):
+    """Stack 1-D prompts of different lengths into (B, L), padded on the left, and a mask of real tokens."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    valid = torch.arange(int(lengths.max()), device=device) >= lengths.max() - lengths[:, None]
+    idx = torch.zeros(valid.shape, dtype=torch.long, device=device)
+    idx[valid] = torch.cat(list(prompts)).to(device)
+    return idx, valid
 
 
 class KVCache:
@@ -481,28 +452,19 @@ class KVCache:
         self.n_pad = None if valid is None else (~valid).sum(1)
 
     @staticmethod
-    def n_slots_for(num_steps, kv_budget=None):
-        """Iteration slots per core layer: one per iteration, or at most kv_budget shared ones."""
-        return num_steps if kv_budget is None else min(kv_budget, num_steps)
-
-    @staticmethod
     def shape(config, batch_size, max_len, n_slots):
         """(rows, B, n_head, max_len, head_dim) of the keys, and of the values."""
         rows = config.n_prelude + config.n_coda + n_slots * config.n_core
         return rows, batch_size, config.n_head, max_len, config.n_embd // config.n_head
-
-    @property
-    def nbytes(self):
-        return 2 * self.k.numel() * self.k.element_size()
 
     def positions(self, T):
         """RoPE positions of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
         pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
         return pos if self.valid is None else (pos - self.n_pad[:, None]).clamp(min=0)
 
-    def update(self, layer_id, step, k, v):
+    def update(self, layer_id, iteration, k, v):
         """Store k, v (B, H, T, hd) of the next T tokens; return every key and value so far and the mask."""
-        row = layer_id if layer_id < self.n_fixed else layer_id + (step % self.n_slots) * self.n_core
+        row = layer_id if layer_id < self.n_fixed else layer_id + (iteration % self.n_slots) * self.n_core
         p, T = self.pos, k.size(2)
         if self.active is not None:  # a row that exited keeps the entry of its last iteration
             keep = ~self.active.view(-1, 1, 1, 1)
@@ -531,43 +493,3 @@ class KVCache:
                 core = buf[self.n_fixed:].unflatten(0, (self.n_slots, self.n_core))[..., p:p + T, :]
                 core.copy_(core.gather(0, src[:, None, :, None, None, None].expand_as(core)))
         self.pos += T
-
-
-def left_pad(prompts, device):
-    """Stack 1-D prompts of different lengths into (B, L), padded on the left, and a mask of real tokens."""
-    L = max(len(p) for p in prompts)
-    idx = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
-    valid = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
-    for row, p in enumerate(prompts):
-        idx[row, L - len(p):] = p
-        valid[row, L - len(p):] = True
-    return idx, valid
-
-
-def read_checkpoint(path):
-    """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
-    can run code. Raises ValueError with one line for a missing, corrupt or foreign file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
-        raise ValueError(f"{path} is not a train.py checkpoint (no model or model_args)")
-    return checkpoint
-
-
-def save_checkpoint(payload, path):
-    """Atomic: write a temp file, fsync it, rename it over the old one, fsync the directory. A crash at
-    any moment leaves a whole checkpoint at path, the previous one or the new one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)

@@ -6,44 +6,61 @@ Sample from a trained model at the depth you choose, or at several depths side b
     python sample.py --out_dir=out-demo --start=">abcdefghij" --trace          # each iteration's guess
     python sample.py --init_from=huginn --huginn_dir=huginn-0125 --num_steps=4,8,32 --chat --start="Hi!"
 
---start is the prompt text, or FILE:path to read it from a file. After the samples, one line per depth:
-tokens/s, mean and max iterations per token (they differ under --exit_threshold), and KV-cache memory.
-On the shell game (a data set of rows) the answer after the prompt is the cup that holds the ball; it
-is printed greedily with the true cup beside it.
+--start is the prompt text, or FILE:path to read it from a file. One prompt at one depth streams its
+tokens as they come. After the samples, one line per depth: tokens/s, mean and max iterations per token
+(they differ under --exit_threshold), and KV-cache memory. On the shell game (a data set of rows) the
+answer after the prompt is the cup that holds the ball; it is printed greedily with the true cup beside it.
 """
 
 import json
 import math
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, die, int_list
-from model import KVCache, RecurrentGPT, read_checkpoint
+from common import (WriteError, atomic_write, check_settings, configure, die, int_list, load_model, pick_dtype,
+                    setup_device)
+from model import KVCache, RecurrentGPT, check_sampling
 
-defaults = dict(init_from="resume", out_dir="out", huginn_dir="", start="\n", num_samples=1, max_new_tokens=200,
-                temperature=0.8, top_k=200, num_steps="", exit_threshold=None, kv_budget=None,
-                warm_start=False, chat=False, trace=False, trace_plot="", trace_positions=4, seed=1337,
-                device="auto", dtype="auto")
+# ---- settings: defaults, overridden by config files and --key=value ----
+init_from = "resume"         # "resume" (out_dir's checkpoint) or "huginn" (the release in huginn_dir)
+out_dir = "out"
+huginn_dir = ""
+start = "\n"                 # the prompt, or FILE:path
+num_samples = 1
+max_new_tokens = 200
+temperature = 0.8
+top_k = 200
+num_steps = ""               # depths, e.g. "4" or "1,4,32"; "" = the model's mean_recurrence
+exit_threshold = None        # adaptive exit: KL between successive iterations, e.g. 1e-3
+kv_budget = None             # KV-cache sharing: at most this many iteration slots
+warm_start = False           # start each token from the previous token's final state
+chat = False                 # wrap --start in the release's chat format (init_from=huginn)
+trace = False                # print each iteration's prediction instead of sampling (the logit lens)
+trace_plot = ""              # with --trace: also draw it into this PNG file (needs matplotlib)
+trace_positions = 4          # with --trace: the last positions shown
+seed = 1337
+device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", "mps"
+dtype = "auto"               # "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16", "float32"
+config = configure(globals())
 
 
-def load_model(cfg, device):
+def load():
     """(model, meta, encode, decode) from out_dir's checkpoint or the released Huginn-0125 weights."""
     try:
-        if cfg["init_from"] == "huginn":
+        if init_from == "huginn":
+            model, meta = RecurrentGPT.from_huginn(huginn_dir, device=device, dtype=getattr(torch, dtype)), {}
+        else:
+            model, checkpoint = load_model(out_dir, device)
+            meta = checkpoint["meta"]
+        if init_from == "huginn" or meta["tokenizer"] == "huginn":  # the release, or a model trained on its tokens
             from huginn import load_huginn_tokenizer
-            dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
-            model = RecurrentGPT.from_huginn(cfg["huginn_dir"], device=device, dtype=dtype)
-            enc = load_huginn_tokenizer(cfg["huginn_dir"])
-            return model, {"tokenizer": "huginn"}, lambda s: enc.encode(s, allowed_special="all"), enc.decode
-        checkpoint = read_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        model = RecurrentGPT.from_checkpoint(checkpoint, device)
+            enc = load_huginn_tokenizer(meta.get("huginn_dir", huginn_dir))
+            return model, dict(meta, tokenizer="huginn"), lambda s: enc.encode(s, allowed_special="all"), enc.decode
     except (ValueError, OSError, ImportError) as e:
         die(str(e).splitlines()[0], code=1)
-    meta = checkpoint["meta"]
     if meta["tokenizer"] == "char":
         stoi = {c: i for i, c in enumerate(meta["itos"])}
 
@@ -62,34 +79,17 @@ def load_model(cfg, device):
     return model, meta, lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), enc.decode
 
 
-def parse_settings(cfg, model):
-    """Check the sampling settings against the model; returns the list of depths."""
-    depths = int_list("num_steps", cfg["num_steps"]) if cfg["num_steps"] else [model.config.mean_recurrence]
-    rules = [("num_samples", cfg["num_samples"] >= 1, ">= 1"), ("max_new_tokens", cfg["max_new_tokens"] >= 1, ">= 1"),
-             ("temperature", cfg["temperature"] > 0, "> 0"), ("top_k", cfg["top_k"] >= 1, ">= 1"),
-             ("trace_positions", cfg["trace_positions"] >= 1, ">= 1"),
-             ("exit_threshold", cfg["exit_threshold"] is None or isinstance(cfg["exit_threshold"], (int, float))
-              and cfg["exit_threshold"] >= 0, "a number >= 0"),
-             ("kv_budget", cfg["kv_budget"] is None or type(cfg["kv_budget"]) is int and cfg["kv_budget"] >= 1,
-              "an integer >= 1")]
-    for key, ok, allowed in rules:
-        if not ok:
-            die(f"{key} must be {allowed} (got {cfg[key]!r})")
-    return depths
-
-
-def read_prompt(cfg, encode, block_size):
-    text = cfg["start"]
+def read_prompt(encode, block_size, huginn):
+    text = start
     if text.startswith("FILE:"):
         try:
             with open(text[5:], encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
             die(f"cannot read the prompt file {text[5:]}: {e.strerror}", code=1)
-    if cfg["chat"]:  # the release's chat format (see huginn.py)
-        text = "<|begin_header|>user<|end_header|>\n\n" + text + "<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n"
-    if cfg["init_from"] == "huginn":
-        text = "<|begin_text|>" + text  # the release's BOS begins every document
+    if chat or huginn:  # the release's chat format, or its BOS, which begins every document
+        from huginn import chat_prompt
+        text = chat_prompt(text) if chat else "<|begin_text|>" + text
     ids = encode(text)
     if not ids:
         die("the prompt is empty: pass some text with --start")
@@ -98,7 +98,7 @@ def read_prompt(cfg, encode, block_size):
     return ids
 
 
-def print_trace(model, idx, num_steps, decode, cfg, answers=None):
+def print_trace(model, idx, num_steps, decode, answers=None):
     """Each iteration's prediction at the last few positions: the logit lens over the recurrence."""
     logits, states = model.trace(idx, num_steps, return_states=True)
     logp = F.log_softmax(logits[:, 0].float(), dim=-1)                          # (r, T, V)
@@ -106,7 +106,7 @@ def print_trace(model, idx, num_steps, decode, cfg, answers=None):
     moved = (states[1:, 0] - states[:-1, 0]).norm(dim=-1) / states[1:, 0].norm(dim=-1)
     T = idx.size(1)
     print(f"trace at num_steps={num_steps}: each iteration's latent read through ln_f, the coda and the head")
-    for t in range(max(0, T - cfg["trace_positions"]), T):
+    for t in range(max(0, T - trace_positions), T):
         truth = f", true cup {answers[t]}" if answers and answers[t] else ""
         print(f"position {t} (token {decode([idx[0, t].item()])!r}{truth})")
         print(f"  {'iter':>4}  {'top predictions':<36} {'KL to final':>11} {'latent moved':>12}")
@@ -115,7 +115,7 @@ def print_trace(model, idx, num_steps, decode, cfg, answers=None):
             tops = "  ".join(f"{decode([j.item()])!r} {q:.2f}" for q, j in zip(p, ids))
             move = f"{moved[i - 1, t]:>12.4f}" if i else f"{'':>12}"
             print(f"  {i + 1:>4}  {tops:<36} {kl_final[i, t]:>11.4f} {move}")
-    if cfg["trace_plot"]:
+    if trace_plot:
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -131,67 +131,94 @@ def print_trace(model, idx, num_steps, decode, cfg, answers=None):
         ax.set_title("log10 KL(iteration || final) per token")
         fig.colorbar(im)
         fig.tight_layout()
-        fig.savefig(cfg["trace_plot"], dpi=120)
-        print(f"wrote {cfg['trace_plot']}")
+        try:
+            atomic_write(trace_plot, lambda f: fig.savefig(f, format="png", dpi=120))
+        except WriteError as e:
+            die(str(e), code=1)
+        print(f"wrote {trace_plot}")
 
 
-def main(argv):
-    cfg = configure(defaults, argv, usage=__doc__)
-    if cfg["init_from"] not in ("resume", "huginn"):
-        die(f"init_from must be 'resume' (out_dir's checkpoint) or 'huginn' (got {cfg['init_from']!r})")
-    if cfg["init_from"] == "huginn" and not cfg["huginn_dir"]:
-        die("--init_from=huginn needs --huginn_dir=PATH, a local copy of the release (see the README)")
-    if cfg["chat"] and cfg["init_from"] != "huginn":
-        die("--chat is the released Huginn-0125's chat format: use it with --init_from=huginn")
-    if cfg["dtype"] not in ("auto", "bfloat16", "float32"):
-        die(f"dtype must be 'auto', 'bfloat16' or 'float32' (got {cfg['dtype']!r})")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"]
-    cfg["dtype"] = ("bfloat16" if device.startswith("cuda") else "float32") if cfg["dtype"] == "auto" else cfg["dtype"]
-    print(f"sample: {json.dumps(cfg)}")
-    torch.manual_seed(cfg["seed"])
-    model, meta, encode, decode = load_model(cfg, device)
-    model = model.to(getattr(torch, cfg["dtype"]))
-    depths = parse_settings(cfg, model)
-    ids = read_prompt(cfg, encode, model.config.block_size)
-    idx = torch.tensor([ids] * cfg["num_samples"], dtype=torch.long, device=device)
-    rows, answers = meta.get("layout") == "rows", None
-    if rows:  # the shell game: one answer, the most likely cup, and the true one when the prompt is a game
-        from prepare_data import FIRST_SWAP, START, SWAPS, play
-        moves = [i - FIRST_SWAP for i in ids[1:]]
-        if ids[0] == START and all(0 <= m < len(SWAPS) for m in moves):
-            answers = [None] + play(moves)
-        cfg.update(max_new_tokens=1, top_k=1)
-    if cfg["trace"]:
-        print_trace(model, idx[:1], max(depths), decode, cfg, answers)
-        return
-    max_new = min(cfg["max_new_tokens"], model.config.block_size - len(ids))
-    if max_new < cfg["max_new_tokens"]:
-        print(f"max_new_tokens lowered to {max_new} to fit block_size {model.config.block_size}")
-    stats = []
-    for r in depths:
-        torch.manual_seed(cfg["seed"])  # every depth draws the same random numbers
-        t0 = time.time()
-        out, steps = model.generate(idx, max_new, num_steps=r, temperature=cfg["temperature"], top_k=cfg["top_k"],
-                                    exit_threshold=cfg["exit_threshold"], kv_budget=cfg["kv_budget"],
-                                    warm_start=cfg["warm_start"], return_steps=True)
-        elapsed = time.time() - t0
-        shape = KVCache.shape(model.config, len(idx), idx.size(1) + max_new, KVCache.n_slots_for(r, cfg["kv_budget"]))
-        cache = 2 * math.prod(shape) * torch.finfo(model.wte.weight.dtype).bits // 8
-        stats.append((r, out.numel() - idx.numel(), elapsed, steps.float().mean().item(), steps.max().item(), cache))
-        if rows:
-            truth = f" (true cup: {answers[-1]})" if answers and answers[-1] else ""
-            print(f"num_steps={r:<3} answer: cup {decode(out[0, -1:].tolist())}{truth}")
-            continue
-        for k in range(len(out)):
-            print(f"---------- num_steps={r}, sample {k + 1} ----------")
-            text = decode(out[k].tolist())
-            if cfg["chat"]:  # the answer ends at the turn's end
-                text = text[:text.find("<|end_turn|>", len(decode(ids))) % (len(text) + 1)]
-            print(text)
-    print(f"{'num_steps':>9} {'tokens/s':>9} {'mean iters':>10} {'max iters':>9} {'KV cache':>10}")
-    for r, n_tokens, elapsed, mean_steps, max_steps, cache in stats:
-        print(f"{r:>9} {n_tokens / elapsed:>9.1f} {mean_steps:>10.2f} {max_steps:>9} {cache / 2**20:>8.2f}MB")
+class Stream:
+    """Prints one sample's text as its tokens arrive, up to the end of the turn in a chat (a BPE token may end
+    inside a character: text is printed once it decodes whole)."""
+
+    def __init__(self, decode, prompt):
+        self.decode, self.ids, self.shown = decode, [], 0
+        print(decode(prompt), end="", flush=True)
+
+    def __call__(self, token):
+        self.ids.append(token[0, 0].item())
+        text = self.decode(self.ids)
+        if chat:
+            text = text[:text.find("<|end_turn|>") % (len(text) + 1)]
+        if not text.endswith("\ufffd"):
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+# every flag is checked before the model loads: a mistake must not wait for a 7 GB load
+if init_from not in ("resume", "huginn"):
+    die(f"init_from must be 'resume' (out_dir's checkpoint) or 'huginn' (got {init_from!r})")
+if init_from == "huginn" and not huginn_dir:
+    die("--init_from=huginn needs --huginn_dir=PATH, a local copy of the release (see the README)")
+check_settings(config, [("num_samples", num_samples >= 1, ">= 1"), ("trace_positions", trace_positions >= 1, ">= 1")])
+depths = int_list("num_steps", num_steps) if num_steps else []
+try:
+    for r in depths or [1]:
+        check_sampling(r, max_new_tokens, temperature, top_k, exit_threshold, kv_budget)
+except ValueError as e:
+    die(str(e))
+device, device_type = setup_device(device)
+dtype = pick_dtype(dtype, device_type)
+print(f"sample: {json.dumps(config)}")
+torch.manual_seed(seed)
+model, meta, encode, decode = load()
+if chat and meta["tokenizer"] != "huginn":
+    die("--chat is the released Huginn-0125's chat format: use it with --init_from=huginn or a model fine-tuned from it")
+model = model.to(getattr(torch, dtype))
+depths = depths or [model.config.mean_recurrence]
+ids = read_prompt(encode, model.config.block_size, meta["tokenizer"] == "huginn")
+idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+rows, answers = meta.get("layout") == "rows", None
+if rows:  # the shell game: one answer, the most likely cup, and the true one when the prompt is a game
+    from prepare_data import FIRST_SWAP, START, SWAPS, play
+    moves = [i - FIRST_SWAP for i in ids[1:]]
+    if ids[0] == START and all(0 <= m < len(SWAPS) for m in moves):
+        answers = [None] + play(moves)
+    max_new_tokens, top_k = 1, 1
+if trace:
+    print_trace(model, idx[:1], max(depths), decode, answers)
+    sys.exit(0)
+max_new = min(max_new_tokens, model.config.block_size - len(ids))
+if max_new < max_new_tokens:
+    print(f"max_new_tokens lowered to {max_new} to fit block_size {model.config.block_size}")
+stream = not rows and len(depths) == 1 and num_samples == 1
+stats = []
+for r in depths:
+    torch.manual_seed(seed)  # every depth draws the same random numbers
+    if stream:
+        print(f"---------- num_steps={r}, sample 1 ----------")
+    t0 = time.time()
+    out, steps = model.generate(idx, max_new, num_steps=r, temperature=temperature, top_k=top_k,
+                                exit_threshold=exit_threshold, kv_budget=kv_budget, warm_start=warm_start,
+                                return_steps=True, on_token=Stream(decode, ids) if stream else None)
+    elapsed = time.time() - t0
+    shape = KVCache.shape(model.config, len(idx), idx.size(1) + max_new, min(kv_budget or r, r))
+    cache = 2 * math.prod(shape) * torch.finfo(model.wte.weight.dtype).bits // 8
+    stats.append((r, out.numel() - idx.numel(), elapsed, steps.float().mean().item(), steps.max().item(), cache))
+    if rows:
+        truth = f" (true cup: {answers[-1]})" if answers and answers[-1] else ""
+        print(f"num_steps={r:<3} answer: cup {decode(out[0, -1:].tolist())}{truth}")
+        continue
+    if stream:
+        print()
+        continue
+    for k in range(len(out)):
+        print(f"---------- num_steps={r}, sample {k + 1} ----------")
+        text = decode(out[k].tolist())
+        if chat:  # the answer ends at the turn's end
+            text = text[:text.find("<|end_turn|>", len(decode(ids))) % (len(text) + 1)]
+        print(text)
+print(f"{'num_steps':>9} {'tokens/s':>9} {'mean iters':>10} {'max iters':>9} {'KV cache':>10}")
+for r, n_tokens, elapsed, mean_steps, max_steps, cache in stats:
+    print(f"{r:>9} {n_tokens / elapsed:>9.1f} {mean_steps:>10.2f} {max_steps:>9} {cache / 2**20:>8.2f}MB")

@@ -5,11 +5,14 @@ Train a recurrent-depth model. The same loop runs on a laptop CPU, one GPU, or m
     python train.py config/demo.py --batch_size=32 --max_iters=2000    # settings from the command line
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py
     python train.py config/demo.py --init_from=resume                  # continue where it stopped
+    python train.py config/finetune_huginn.py --huginn_dir=huginn-0125 --dataset=notes_huginn   # fine-tune the release
+    torchrun --standalone --nproc_per_node=8 train.py config/finetune_huginn.py --fsdp ...      # sharded (FSDP2)
 
 Every step draws one depth r from the paper's sampler (the same on every rank, from a generator seeded
 by the step) and backpropagates through the last min(r, backprop_depth) iterations. All the randomness
 of step i (batches, depth, initial states) is seeded from (seed, i, rank), so a resumed run repeats
-exactly what the uninterrupted run would have done.
+exactly what the uninterrupted run would have done. --dry_run prints the memory a step needs per GPU
+(one process or DDP, and FSDP on 8 GPUs) and stops.
 """
 
 import json
@@ -24,15 +27,19 @@ from dataclasses import fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from configurator import configure, die, int_list, keep_freed_memory
-from model import ModelConfig, RecurrentGPT, read_checkpoint, save_checkpoint
+from common import (WriteError, check_settings, configure, die, int_list, keep_freed_memory, model_config,
+                    pick_dtype, read_checkpoint, save_checkpoint, setup_device, training_memory)
+from model import ModelConfig, RecurrentGPT, precompute_rope
 
 # ---- settings: defaults, overridden by config files and --key=value ----
 # I/O
 out_dir = "out"
-init_from = "scratch"        # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"        # "scratch", "resume" (from out_dir/ckpt.pt) or "huginn" (the release in huginn_dir)
+huginn_dir = ""              # a local copy of Huginn-0125 (or of a model exported in its layout)
 eval_interval = 250          # evaluate and save a checkpoint every eval_interval steps
 eval_iters = 20              # batches per evaluation
 eval_depths = ""             # depths at which to report val loss, e.g. "1,4,16"; "" = 1, 4, mean, 2*mean
@@ -42,7 +49,9 @@ dataset = "shellgame"        # data/<dataset>/, written by prepare_data.py
 batch_size = 64              # per rank and micro-step
 block_size = 256             # context length (for a rows data set: at least the row length)
 gradient_accumulation_steps = 1  # in total over all ranks (as nanoGPT)
-# model: the fields of model.ModelConfig (vocab_size comes from the data set's meta.json)
+# model: the fields of model.ModelConfig, with its defaults (vocab_size comes from the data set's meta.json). Resuming
+# or fine-tuning takes the shape from the checkpoint or the release; mean_recurrence, backprop_depth and state_init
+# set here still apply.
 n_embd = 256
 n_head = 4
 intermediate_size = 704
@@ -68,54 +77,44 @@ lr_decay_iters = 5000
 min_lr = 1e-4
 nonfinite = "stop"           # on a NaN/inf loss: "stop" the run, or "skip" the step
 # system
-device = "auto"              # "auto", "cpu", "cuda", "cuda:1", "mps"
+device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"               # "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16", "float32"
 compile = False              # torch.compile each block (a new depth does not recompile)
+activation_checkpointing = False  # recompute each iteration with gradients in the backward pass: less memory
+fsdp = False                 # under torchrun: shard weights, gradients and AdamW states over the ranks (FSDP2)
+dry_run = False              # print the memory a step needs per GPU, then stop
 seed = 1337
+config = configure(globals())
 
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-config = configure(settings, usage=__doc__)
-globals().update(config)
 MODEL_FIELDS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]
-
-
-def check_settings():
-    """Out-of-range settings stop the run before any work, naming the key and what is allowed."""
-    rules = [("batch_size", batch_size >= 1, ">= 1"), ("block_size", block_size >= 1, ">= 1"),
-             ("gradient_accumulation_steps", gradient_accumulation_steps >= 1, ">= 1"),
-             ("max_iters", max_iters >= 1, ">= 1"), ("eval_interval", eval_interval >= 1, ">= 1"),
-             ("eval_iters", eval_iters >= 1, ">= 1"), ("log_interval", log_interval >= 1, ">= 1"),
-             ("learning_rate", learning_rate > 0, "> 0"), ("min_lr", min_lr >= 0, ">= 0"),
-             ("warmup_iters", warmup_iters >= 0, ">= 0"), ("lr_decay_iters", lr_decay_iters >= 1, ">= 1"),
-             ("weight_decay", weight_decay >= 0, ">= 0"), ("grad_clip", grad_clip >= 0, ">= 0"),
-             ("beta1", 0 <= beta1 < 1, "in [0, 1)"), ("beta2", 0 <= beta2 < 1, "in [0, 1)"),
-             ("init_from", init_from in ("scratch", "resume"), "'scratch' or 'resume'"),
-             ("nonfinite", nonfinite in ("stop", "skip"), "'stop' or 'skip'"),
-             ("dtype", dtype in ("auto", "bfloat16", "float32"), "'auto', 'bfloat16' or 'float32'")]
-    for key, ok, allowed in rules:
-        if not ok:
-            die(f"{key} must be {allowed} (got {config[key]!r})")
-    try:
-        torch.device(device)
-        ModelConfig(**{k: config[k] for k in MODEL_FIELDS})  # the model's own checks, before any work
-    except (RuntimeError, ValueError) as e:
-        die(str(e) if isinstance(e, ValueError) else f"device must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
-
-
-check_settings()
-# the depths of the val loss at each evaluation; mean_recurrence is always one of them
-val_depths = sorted(set(int_list("eval_depths", eval_depths) if eval_depths else [1, 4, 2 * mean_recurrence])
-                    | {mean_recurrence})
+SHAPE = ("n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias", "rope_base", "norm_eps")
+given = {f.name for f in fields(ModelConfig) if f.name in MODEL_FIELDS and config[f.name] != f.default}
+check_settings(config, [
+    ("batch_size", batch_size >= 1, ">= 1"), ("block_size", block_size >= 1, ">= 1"),
+    ("gradient_accumulation_steps", gradient_accumulation_steps >= 1, ">= 1"), ("max_iters", max_iters >= 1, ">= 1"),
+    ("eval_interval", eval_interval >= 1, ">= 1"), ("eval_iters", eval_iters >= 1, ">= 1"),
+    ("log_interval", log_interval >= 1, ">= 1"), ("learning_rate", learning_rate > 0, "> 0"),
+    ("min_lr", min_lr >= 0, ">= 0"), ("warmup_iters", warmup_iters >= 0, ">= 0"),
+    ("lr_decay_iters", lr_decay_iters >= 1, ">= 1"), ("weight_decay", weight_decay >= 0, ">= 0"),
+    ("grad_clip", grad_clip >= 0, ">= 0"), ("beta1", 0 <= beta1 < 1, "in [0, 1)"), ("beta2", 0 <= beta2 < 1, "in [0, 1)"),
+    ("init_from", init_from in ("scratch", "resume", "huginn"), "'scratch', 'resume' or 'huginn'"),
+    ("nonfinite", nonfinite in ("stop", "skip"), "'stop' or 'skip'")])
+model_config({k: config[k] for k in MODEL_FIELDS})
+eval_depths = int_list("eval_depths", eval_depths) if eval_depths else []
+if init_from == "huginn" and not huginn_dir:
+    die("--init_from=huginn needs --huginn_dir=PATH, a local copy of the release (see the README)")
+if fsdp and "RANK" not in os.environ and not dry_run:
+    die("--fsdp shards the model over processes: start train.py with torchrun (see the README)")
+device, device_type = setup_device(device)
+dtype = pick_dtype(dtype, device_type)
 
 # ---- distributed setup: torchrun sets RANK; NCCL on CUDA, gloo on CPU ----
 ddp = "RANK" in os.environ
 rank, local_rank, world_size = 0, 0, 1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 if ddp:
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if gradient_accumulation_steps % world_size:
@@ -123,16 +122,8 @@ if ddp:
             f"number of processes ({world_size})")
     gradient_accumulation_steps //= world_size
 master = rank == 0
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if device_type == "cuda" and not torch.cuda.is_available():
-    die("device is cuda but no CUDA GPU is available: use --device=cpu")
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-elif device_type == "cpu":
+if device_type == "cpu":
     keep_freed_memory()
 
 # ---- data ----
@@ -149,27 +140,21 @@ def split_files(split):
     """The files of one split as (path, dtype): the tokens, then for a rows data set the targets."""
     files = [(os.path.join(data_dir, f"{split}.bin"), meta["dtype"])]
     if meta["layout"] == "rows":
-        files.append((os.path.join(data_dir, f"{split}_targets.bin"), "int16"))
+        files.append((os.path.join(data_dir, f"{split}_targets.bin"), meta.get("targets_dtype", "int16")))
     return files
 
 
-def open_split(split):
-    """Memory-map one split: (tokens, targets or None). A fresh memmap per batch, as nanoGPT: a long-lived
-    one grows the process's memory."""
+def get_batch(split, generator):
+    """A batch of inputs and targets; targets are -1 where a rows data set has no answer. A fresh memmap per
+    batch, as nanoGPT: a long-lived one grows the process's memory."""
     arrays = [np.memmap(path, dtype=dt, mode="r") for path, dt in split_files(split)]
     if meta["layout"] == "rows":
-        return arrays[0].reshape(-1, meta["row_len"]), arrays[1].reshape(-1, meta["row_len"])
-    return arrays[0], None
-
-
-def get_batch(split, generator):
-    """A batch of inputs and targets; targets are -1 where a rows data set has no answer."""
-    tokens, targets = open_split(split)
-    if meta["layout"] == "rows":
+        tokens, targets = (a.reshape(-1, meta["row_len"]) for a in arrays)
         ix = torch.randint(len(tokens), (batch_size,), generator=generator).numpy()
         x = torch.from_numpy(tokens[ix].astype(np.int64))
         y = torch.from_numpy(targets[ix].astype(np.int64))
     else:
+        tokens = arrays[0]
         ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()
         x = torch.from_numpy(np.stack([tokens[i:i + block_size] for i in ix]).astype(np.int64))
         y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
@@ -195,52 +180,139 @@ for split in ("train", "val"):  # every file whole, checked once against meta.js
             f"({count} tokens): lower --block_size or give more text")
 if meta["layout"] == "rows" and block_size < meta["row_len"]:
     die(f"block_size ({block_size}) must be >= the row length of {data_dir} ({meta['row_len']})")
+if init_from == "huginn" and meta["tokenizer"] != "huginn":
+    die(f"{data_dir} was tokenized with {meta['tokenizer']!r}, not the release's tokenizer: run prepare_data.py "
+        "--tokenizer=huginn --huginn_dir=... on your text", code=1)
 
 # ---- model, optimizer, checkpoint ----
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-model_args = {k: config[k] for k in MODEL_FIELDS} | dict(vocab_size=meta["vocab_size"])
+
+
+def shaped_like(source, where):
+    """model_args of a resumed or released model: its shape (a setting given here that contradicts it stops
+    the run), with the training choices given here."""
+    for key in SHAPE:
+        if key in given and config[key] != source[key]:
+            die(f"{key} is {config[key]!r} but {where} has {source[key]!r}: drop the setting, or use another out_dir",
+                code=1)
+    choices = {k: config[k] for k in ("mean_recurrence", "backprop_depth") if k in given}
+    return source | choices | dict(state_init=state_init)
+
+
 checkpoint = None
 if init_from == "resume":
     try:
         checkpoint = read_checkpoint(ckpt_path)
     except ValueError as e:
         die(str(e), code=1)
-    saved_args = checkpoint["model_args"]
-    for key in ("vocab_size", "n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias"):
-        if saved_args.get(key) != model_args[key]:
-            die(f"resume: {key} is {model_args[key]!r} but the checkpoint in {out_dir} has {saved_args.get(key)!r}; "
-                "use the checkpoint's value or another out_dir", code=1)
-try:
-    model_config = ModelConfig(**model_args)
-except ValueError as e:
-    die(str(e))
-torch.manual_seed(seed)  # the same initial weights on every run and rank
-model = RecurrentGPT(model_config).to(device)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-iter_num = 0
-if checkpoint is not None:
+    model_args = shaped_like(checkpoint["model_args"], f"the checkpoint in {out_dir}")
+elif init_from == "huginn":
+    from huginn import huginn_config, load_huginn
     try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        die(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]})", code=1)
-    iter_num = checkpoint["iter_num"]
-    checkpoint = None  # free the memory
+        with open(os.path.join(huginn_dir, "config.json")) as f:
+            model_args = shaped_like(vars(huginn_config(json.load(f))), f"{huginn_dir}/config.json")
+    except (OSError, ValueError) as e:
+        die(f"{huginn_dir}: {e}", code=1)
+else:
+    model_args = {k: config[k] for k in MODEL_FIELDS} | dict(vocab_size=meta["vocab_size"])
+mean_recurrence = model_args["mean_recurrence"]  # the model's: the release's when fine-tuning it, unless given
+# the depths of the val loss at each evaluation; mean_recurrence is always one of them
+val_depths = sorted(set(eval_depths or [1, 4, 2 * mean_recurrence]) | {mean_recurrence})
+if meta["vocab_size"] > model_args["vocab_size"]:
+    die(f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model one of {model_args['vocab_size']}: use a data "
+        "set made with the model's tokenizer, or another out_dir", code=1)
+if block_size > model_args["block_size"]:
+    die(f"block_size ({block_size}) must be <= the model's block_size ({model_args['block_size']})")
+if dry_run:  # the memory of a step, from the model's shape alone (on the meta device): no weights are loaded
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    plan = [training_memory(ModelConfig(**model_args), batch_size, block_size, model_args["backprop_depth"], ckpt,
+                            compute) for ckpt in (False, True)]
+    d, h, V = model_args["n_embd"], model_args["intermediate_size"], model_args["vocab_size"]
+    block, rest = 4 * d * d + 3 * d * h, V * d + 2 * d * d  # parameters of a block, and of the rest (wte, adapter)
+    # FSDP gathers the rest and two blocks (the one computed, the next) in the compute dtype, and holds a block's
+    # gradients in it and in float32 before reducing them
+    gathered = compute.itemsize * (rest + 3 * block) + 4 * block
+    unit, scale = ("GiB", 2 ** 30) if sum(plan[0].values()) >= 2 ** 30 else ("MiB", 2 ** 20)
+    print(f"memory per GPU in {unit}: batch {batch_size} x {block_size} tokens, backprop_depth "
+          f"{model_args['backprop_depth']}, {dtype} compute, float32 weights and AdamW; activations and total "
+          "without / with --activation_checkpointing")
+    print(f"{'':<22}{'weights':>9}{'grads':>9}{'AdamW':>9}{'gathered':>9}{'activations':>18}{'total':>18}")
+    for name, n in (("one process, or DDP", 1), ("FSDP on 8 GPUs", 8)):
+        states = [plan[0][k] / n / scale for k in ("weights", "gradients", "optimizer")] + [(n > 1) * gathered / scale]
+        acts = [p["activations"] / scale for p in plan]
+        print(f"{name:<22}" + "".join(f"{v:>9.2f}" for v in states) + f"{acts[0]:>10.2f} / {acts[1]:<5.2f}"
+              + f"{sum(states) + acts[0]:>10.2f} / {sum(states) + acts[1]:<5.2f}")
+    sys.exit(0)
+torch.manual_seed(seed)  # the same initial weights on every run and rank
+if init_from == "huginn":
+    try:
+        model = load_huginn(RecurrentGPT, huginn_dir, dtype=torch.float32)
+    except (OSError, ValueError, ImportError) as e:
+        die(str(e).splitlines()[0], code=1)
+    model.config = ModelConfig(**model_args)
+    # the computed RoPE table, not a stored one: a resumed run recomputes it
+    model.rope_table = precompute_rope(model_args["n_embd"] // model_args["n_head"], model_args["block_size"],
+                                       model_args["rope_base"])
+else:
+    model = RecurrentGPT(ModelConfig(**model_args))
+model = model.to(device).train()
+model.activation_checkpointing = activation_checkpointing
+if fsdp:  # each block its own shard group, then the rest (embedding, adapter, ln_f); PyTorch's FSDP2
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                                  reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device_type, (world_size,))
+    for block in (*model.prelude, *model.core_block, *model.coda):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 if compile:
     for block in (*model.prelude, *model.core_block, *model.coda):
         block.compile()  # the blocks, not the loop over iterations: a new depth reuses the compiled code
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+iter_num = saved_iter = 0
+if checkpoint is not None:  # PyTorch's state-dict helpers: the same full checkpoint for one process, DDP and FSDP
+    try:
+        set_state_dict(model, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        die(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]})", code=1)
+    iter_num = saved_iter = checkpoint["iter_num"]
+    checkpoint = None  # free the memory
 raw_model = model
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
 def save(iter_num):
-    """Save everything a resumed run needs; weights that are not finite are never written."""
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-        print(f"not saving at iter {iter_num}: the weights are not finite")
-        return
-    save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                         config=config, meta=meta, iter_num=iter_num), ckpt_path)
+    """Save everything a resumed run needs (every rank takes part: FSDP gathers the shards to rank 0). Weights
+    that are not finite are never written; a failed write stops every rank, naming the checkpoint that is intact."""
+    global saved_iter
+    if fsdp or master:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, state = get_state_dict(raw_model, optimizer, options=options)
+    error = None
+    if master and not all(torch.isfinite(w).all() for w in weights.values()):
+        log(f"not saving at iter {iter_num}: the weights are not finite")
+    elif master:
+        try:
+            save_checkpoint(dict(model=weights, optimizer=state, model_args=model_args, config=config, meta=meta,
+                                 iter_num=iter_num), ckpt_path)
+            saved_iter = iter_num
+        except WriteError as e:
+            kept = f"the checkpoint of iter {saved_iter} is intact" if saved_iter else f"{ckpt_path} is as it was"
+            error = f"{e}; {kept}. Free some space, then continue with --init_from=resume"
+    if agree(error is not None):
+        die(error or f"rank {rank}: stopping, rank 0 could not save the checkpoint", code=1)
+
+
+def agree(flag):
+    """Whether flag is true on any rank (every rank calls this at the same point)."""
+    if not ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def step_seed(i, stream, per_rank=True):
@@ -262,8 +334,9 @@ def get_lr(i):
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss over eval_iters fixed batches: train at mean_recurrence, val at each eval depth. Its
-    random draws are forked off, so evaluating never changes what training does next."""
+    """Mean loss over eval_iters fixed batches: train at mean_recurrence, val at each eval depth (every rank
+    runs the same batches: FSDP needs them all). Its random draws are forked off, so evaluating never changes
+    what training does next."""
     raw_model.eval()
     out = {}
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
@@ -293,16 +366,37 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
+# a progress bar on a terminal (rank 0 only); the log lines are printed through it, and stay plain in a file
+progress = tqdm(total=max_iters, initial=min(iter_num, max_iters), unit="step", dynamic_ncols=True,
+                disable=None if master else True)
+
+
+def log(line):
+    if master:
+        progress.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)  # CUDA's, the CPU allocator's
+
+
+def report(losses, iter_num):
+    log(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
+        + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"))
+
+
+log(f"train: {json.dumps(config)}")
+log(f"model: {raw_model.get_num_params():,} parameters, {json.dumps(model_args)}")
+log(f"data: {data_dir} ({meta['layout']}, vocab {meta['vocab_size']}); device {device}, dtype {dtype}"
+    + (f", {world_size} processes" + (" (FSDP)" if fsdp else " (DDP)") if ddp else ""))
 if master:
-    print(f"train: {json.dumps(config)}")
-    print(f"model: {raw_model.get_num_params():,} parameters, {json.dumps(model_args)}")
-    print(f"data: {data_dir} ({meta['layout']}, vocab {meta['vocab_size']}); device {device}, dtype {dtype}"
-          + (f", {world_size} processes" if ddp else ""))
     os.makedirs(out_dir, exist_ok=True)
-if master and iter_num >= max_iters:
-    print(f"nothing to do: the checkpoint is at iter {iter_num} and max_iters is {max_iters}; raise --max_iters")
+if iter_num >= max_iters:
+    log(f"nothing to do: the checkpoint is at iter {iter_num} and max_iters is {max_iters}; raise --max_iters")
+elif iter_num == 0:
+    report(evaluate(), 0)  # the loss before any training, as nanoGPT shows it (a fine-tune starts from here)
 depth_history = []
-model.train()
 t0, t0_iter = time.time(), iter_num
 while iter_num < max_iters and not stop_requested:
     lr = get_lr(iter_num)
@@ -315,58 +409,63 @@ while iter_num < max_iters and not stop_requested:
     else:
         n_no_grad, n_grad = raw_model.split_num_steps(mean_recurrence)
     depth_history.append(n_no_grad + n_grad)
-    loss_sum = 0.0
-    for micro in range(gradient_accumulation_steps):
-        x, y = get_batch("train", batches)
-        sync = nullcontext() if not ddp or micro == gradient_accumulation_steps - 1 else model.no_sync()
-        with sync:
-            with autocast:
-                _, loss = model(x, y, num_steps=(n_no_grad, n_grad))
-            (loss / gradient_accumulation_steps).backward()
-        loss_sum += loss.detach()
-    loss_value = (loss_sum / gradient_accumulation_steps).item()
-    if not math.isfinite(loss_value):
-        message = f"non-finite loss at iter {iter_num} (depth {n_no_grad + n_grad})"
+    loss_sum = torch.zeros((), device=device)
+    try:
+        for micro in range(gradient_accumulation_steps):
+            x, y = get_batch("train", batches)
+            last = micro == gradient_accumulation_steps - 1  # gradients are reduced over the ranks at the last one
+            if fsdp:
+                model.set_requires_gradient_sync(last)
+            with model.no_sync() if ddp and not fsdp and not last else nullcontext():
+                with autocast:
+                    _, loss = model(x, y, num_steps=(n_no_grad, n_grad))
+                (loss / gradient_accumulation_steps).backward()
+            loss_sum += loss.detach().float()
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        die(f"out of memory at iter {iter_num + 1} (depth {n_no_grad + n_grad}, {n_grad} with gradients, batch_size "
+            f"{batch_size} x block_size {block_size}): lower batch_size, backprop_depth or block_size, or pass "
+            "--activation_checkpointing", code=1)
+    # one small all-reduce: the mean loss over the ranks, and whether any rank was asked to stop
+    flags = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(stop_requested), device=device)])
+    if ddp:
+        dist.all_reduce(flags)
+    loss_value, stop_requested = flags[0].item() / world_size, flags[1].item() > 0
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)  # the reduced gradients
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not (math.isfinite(loss_value) and math.isfinite(norm)):  # the same on every rank: all skip, or all stop
+        message = f"non-finite loss at iter {iter_num + 1} (depth {n_no_grad + n_grad})"
         if nonfinite == "stop":
             die(f"{message}: stopping; the last checkpoint in {out_dir} is intact. Lower learning_rate, "
                 "or pass --nonfinite=skip to skip such steps", code=1)
-        print(f"{message}: skipping the step")
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        continue
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    optimizer.step()
+        log(f"{message}: skipping the step")
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    progress.update()
     if iter_num % log_interval == 0 or iter_num == 1:
         dt = (time.time() - t0) / (iter_num - t0_iter)
         tokens = batch_size * x.size(1) * gradient_accumulation_steps * world_size
-        if master:
-            print(f"iter {iter_num}: loss {loss_value:.4f}, depth {n_no_grad + n_grad} ({n_grad} with grad), "
-                  f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s", flush=True)
+        progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        log(f"iter {iter_num}: loss {loss_value:.4f}, depth {n_no_grad + n_grad} ({n_grad} with grad), "
+            f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s")
         t0, t0_iter = time.time(), iter_num
-    if ddp:  # a stop request reaches the ranks at different steps: stop together
-        flag = torch.tensor([float(stop_requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_requested = bool(flag.item())
     if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
-        if master:
-            losses = evaluate()
-            print(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
-                  + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"), flush=True)
-            save(iter_num)
-        if ddp:  # the ranks must agree on every depth drawn and on the weights
-            digest = (tuple(depth_history), sum(p.detach().double().sum().item() for p in raw_model.parameters()))
+        report(evaluate(), iter_num)
+        save(iter_num)
+        if ddp:  # the ranks must agree on every depth drawn, and under DDP on the weights
+            weights = None if fsdp else sum(p.detach().double().sum().item() for p in raw_model.parameters())
             digests = [None] * world_size
-            dist.all_gather_object(digests, digest)
+            dist.all_gather_object(digests, (tuple(depth_history), weights))
             if master and any(d != digests[0] for d in digests):
-                die("DDP ranks disagree on the depths drawn or the weights", code=1)
-            if master:
-                print(f"ddp: {world_size} ranks agree on {len(depth_history)} depths and the weights")
+                die("the ranks disagree on the depths drawn or the weights", code=1)
+            log(f"ddp: {world_size} ranks agree on {len(depth_history)} depths" + ("" if fsdp else " and the weights"))
         t0, t0_iter = time.time(), iter_num
-if stop_requested and master:
-    print(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
+progress.close()
+if stop_requested:
+    log(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
 exit_code = 130 if stop_requested else 0  # 130: the shell's code for a run stopped by Ctrl-C
 if ddp:
     dist.barrier()

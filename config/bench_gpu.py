@@ -1,6 +1,5 @@
 # bench.py on one CUDA GPU at GPT-2-small width in Huginn's layout (2 prelude, 4 core, 2 coda blocks), bf16 and
-# torch.compile: the setting of issue 8's GPU targets (MFU >= 45% of the datasheet peak; decoding at batch 1,
-# num_steps=8 >= 30% of the bandwidth roofline; no recompilation when the depth changes).
+# torch.compile of each block (a new depth must not recompile):
 # python bench.py config/bench_gpu.py
 vocab_size = 50304
 block_size = 1024
@@ -16,6 +15,8 @@ backprop_depth = 4
 warmup_steps = 3
 timed_steps = 10
 decode_tokens = 128
+mm_size = 8192
+copy_mib = 2048
 device = "cuda"
 dtype = "bfloat16"
 compile = True

@@ -9,7 +9,7 @@ intermediate_size = 160
 n_prelude = 1
 n_core = 1
 n_coda = 1
-mean_recurrence = 5      # mean depth 6: the game is learned, and 8 iterations saturate it (6 needs ~16 at n=16)
+mean_recurrence = 5      # deep enough to learn the game, shallow enough that 8 iterations saturate it
 backprop_depth = 4
 learning_rate = 3e-3
 min_lr = 3e-4

@@ -1,5 +1,5 @@
 # The fixed-depth baseline for the demo: the same parameters, one pass of the core block, no random depth,
-# and about the same wall-clock budget as config/demo.py: 2.3x the steps (~22 vs ~50 ms per step on 2 cores).
+# and about the same wall-clock budget as config/demo.py (its steps are cheaper, so it takes more of them).
 # python train.py config/demo.py config/demo_fixed.py
 out_dir = "out-demo-fixed"
 mean_recurrence = 1

@@ -5,6 +5,9 @@ import torch
 
 from model import ModelConfig, RecurrentGPT
 
+# the models here are tiny: more threads only contend for the cores (and spin-wait when the cores are busy)
+torch.set_num_threads(1)
+
 TOY_TEXT = "".join(f"{a}+{b}={a + b};" for a in range(10) for b in range(10))  # a little arithmetic language
 TOY_ITOS = sorted(set(TOY_TEXT))
 
@@ -62,23 +65,33 @@ def train_tiny(cwd, *args, **kw):
     return run
 
 
+def run_main(script, args, cwd=None):
+    """Run one of the project's scripts in this process, as `python script args` would (fast: torch is
+    imported already). Returns its exit code; its output is left for capsys."""
+    import os
+    import runpy
+    import sys
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [script, *map(str, args)]
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+
+
 def make_shellgame(path):
     """A small shell-game data set in path/data/shellgame (run the scripts with cwd=path)."""
-    import prepare_data
-    prepare_data.main([f"--data_dir={path / 'data'}", "--train_examples=3000", "--val_examples=300",
-                       "--test_examples=100", "--test_swaps=2,8,20"])
+    assert run_main("prepare_data.py", [f"--data_dir={path / 'data'}", "--train_examples=3000", "--val_examples=300",
+                                        "--test_examples=100", "--test_swaps=2,8,20"]) == 0
     return path
 
 
 @pytest.fixture
 def shellgame_dir(tmp_path):
     return make_shellgame(tmp_path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: more threads only contend for the cores (3x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -1,18 +1,21 @@
 """Contracts of prepare_data.py: the shell game's generator, the text tokenizers, the offline download."""
 
 import json
+import urllib.request
 
 import numpy as np
 import pytest
 import tiktoken
 
 import prepare_data
+from conftest import run_main
 
 TINY = ["--train_examples=6000", "--val_examples=500", "--test_examples=200"]
 
 
-def prepare(tmp_path, *args):
-    prepare_data.main([f"--data_dir={tmp_path / 'data'}", *args])
+def prepare(tmp_path, *args, code=0):
+    """prepare_data.py with args, writing under tmp_path/data; it must exit with code."""
+    assert run_main("prepare_data.py", [f"--data_dir={tmp_path / 'data'}", *args]) == code
     return tmp_path / "data"
 
 
@@ -84,28 +87,41 @@ def test_gpt2_tokenizer_path_on_a_local_stand_in(tmp_path, monkeypatch):
 
 
 def test_offline_gpt2_and_shakespeare_fail_in_one_line(tmp_path, monkeypatch, capsys):
-    def offline(name):
+    def offline(*args, **kwargs):
         raise ConnectionError("no network")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     (tmp_path / "t.txt").write_text("hello world " * 40)
-    with pytest.raises(SystemExit) as e:
-        prepare(tmp_path, f"--input={tmp_path / 't.txt'}")
+    prepare(tmp_path, f"--input={tmp_path / 't.txt'}", code=1)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and "--tokenizer=char" in err
-    monkeypatch.setattr(prepare_data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
-    with pytest.raises(SystemExit) as e:
-        prepare(tmp_path, "--dataset=shakespeare", "--tokenizer=char")
+    assert len(err.splitlines()) == 1 and "--tokenizer=char" in err
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: offline() or None)
+    prepare(tmp_path, "--dataset=shakespeare", "--tokenizer=char", code=1)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1 and "--input=" in err
+    assert len(err.splitlines()) == 1 and "--input=" in err
     assert not (tmp_path / "data" / "shakespeare_char").exists()
 
 
 def test_shakespeare_download_on_a_local_stand_in(tmp_path, monkeypatch):
     (tmp_path / "tiny.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
-    monkeypatch.setattr(prepare_data, "SHAKESPEARE_URL", (tmp_path / "tiny.txt").as_uri())
+    urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, **kw: urlopen((tmp_path / "tiny.txt").as_uri()))
     out = prepare(tmp_path, "--dataset=shakespeare", "--tokenizer=char") / "shakespeare_char"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["name"] == "shakespeare_char" and "F" in meta["itos"]
+
+
+def test_long_text_tokenized_in_pieces_as_a_whole(monkeypatch):
+    """A long text is tokenized piece by piece (behind a progress bar); the pieces are cut where GPT-2's regex
+    splits anyway, so the ids are those of the whole text."""
+    gpt2_regex = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding("bytes", pat_str=gpt2_regex, special_tokens={},
+                            mergeable_ranks={bytes([i]): i for i in range(256)} | {b" t": 256, b" th": 257})
+    text = "".join(f"{w}{'  ' * (i % 3)}{',' * (i % 2)}\n{' ' * (i % 4)}the {i} Éte " for i, w in enumerate(["x"] * 3000))
+    monkeypatch.setattr(prepare_data, "CHUNK", 500)
+    calls = []
+    ids = prepare_data.tokenize(text, lambda piece: calls.append(piece) or enc.encode_ordinary(piece))
+    assert len(calls) > 20 and "".join(calls) == text and all(p[0] == " " for p in calls[1:])
+    assert ids == enc.encode_ordinary(text)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -118,7 +134,6 @@ def test_shakespeare_download_on_a_local_stand_in(tmp_path, monkeypatch):
     (["missing_config.py"], "config file not found"),
 ])
 def test_bad_flags_give_one_line(tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit) as e:
-        prepare(tmp_path, *args)
+    assert run_main("prepare_data.py", [f"--data_dir={tmp_path / 'data'}", *args]) in (1, 2)
     err = capsys.readouterr().err.strip()
-    assert e.value.code in (1, 2) and len(err.splitlines()) == 1 and message in err
+    assert len(err.splitlines()) == 1 and message in err

@@ -88,8 +88,8 @@ def test_round_trip_every_tensor_mapped_and_logits_equal(tmp_path):
     for name, t in tensors.items():
         assert torch.equal(loaded[name.removeprefix("transformer.")], t), name
     assert model.lm_head.weight is model.wte.weight and not model.training
-    assert model.config.state_init == "zero" and model.freqs_cis.dtype == torch.float32
-    assert torch.equal(model.freqs_cis, src.freqs_cis)  # no table in the file: computed from rope_base
+    assert model.config.state_init == "zero" and model.rope_table.dtype == torch.float32
+    assert torch.equal(model.rope_table, src.rope_table)  # no table in the file: computed from rope_base
     assert torch.equal(model.core_block[1].attn.qk_bias, tensors["transformer.core_block.1.attn.qk_bias"])
     assert torch.equal(model.adapter.weight, tensors["transformer.adapter.weight"])
     for num_steps in (1, 3, 8):
@@ -125,9 +125,9 @@ def test_stored_rope_table_is_used_as_stored(tmp_path):
     table = precompute_rope(16, 32, 1000.0).to(torch.bfloat16)
     export(src, tmp_path, rope=table)
     model = RecurrentGPT.from_huginn(tmp_path)
-    assert model.freqs_cis.dtype == torch.float32 and torch.equal(model.freqs_cis, table.float())
+    assert model.rope_table.dtype == torch.float32 and torch.equal(model.rope_table, table.float())
     computed = logits_at(src, 3)  # with the table rope_base gives
-    src.freqs_cis = table.float()
+    src.rope_table = table.float()
     stored = logits_at(model, 3)
     torch.testing.assert_close(stored, logits_at(src, 3), atol=1e-5, rtol=0)
     assert (stored - computed).abs().max() > 1e-3
@@ -159,7 +159,7 @@ MEASURE = """
 import sys, torch
 from model import RecurrentGPT
 def kib(key): return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
-RecurrentGPT.from_huginn(sys.argv[1], dtype=torch.float32)  # warm-up: the one-time ~80 MB stays out of the figure
+RecurrentGPT.from_huginn(sys.argv[1], dtype=torch.float32)  # warm-up: one-time allocations stay out of the figure
 before = kib("VmRSS:")
 model = RecurrentGPT.from_huginn(sys.argv[2], dtype=torch.float32)
 print((kib("VmHWM:") - before) * 1024 / sum(p.nbytes for p in model.parameters()))

@@ -3,7 +3,6 @@ SIGKILL or Ctrl-C; non-finite losses never reach a checkpoint. Each test also ch
 
 import os
 import random
-import runpy
 import signal
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN, make_shellgame, run_script, train_tiny
-from model import read_checkpoint
+from common import read_checkpoint
+from conftest import ROOT, TINY_TRAIN, make_shellgame, run_main, run_script, train_tiny
 
 TINY = [*TINY_TRAIN, "--log_interval=1"]  # a log line at every step: the kill tests watch for them
 
@@ -28,13 +27,9 @@ def one_line_error(run, code, *needles):
         assert needle in err, err
 
 
-def in_process(script, args, cwd, monkeypatch, capsys):
+def in_process(script, args, cwd, capsys):
     """Run a script's command line in this process (fast: torch is imported already); returns (code, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    return e.value.code, capsys.readouterr().err.strip()
+    return run_main(script, args, cwd), capsys.readouterr().err.strip()
 
 
 # ---- configuration: stop before any work, naming the key ----
@@ -53,19 +48,19 @@ def in_process(script, args, cwd, monkeypatch, capsys):
     (["--dtype=float16"], ["dtype"]),
     (["--block_size=40"], ["block_size", "smaller than"]),
 ])
-def test_bad_train_settings_stop_before_any_work(shellgame_dir, monkeypatch, capsys, args, needles):
+def test_bad_train_settings_stop_before_any_work(shellgame_dir, capsys, args, needles):
     data = "data/shakespeare_char" if "--block_size=40" in args else None
     if data:  # a stream data set shorter than the block
         (shellgame_dir / "t.txt").write_text("abc " * 12)
         run_script("prepare_data.py", f"--input={shellgame_dir / 't.txt'}", "--tokenizer=char",
                    "--name=shakespeare_char", cwd=shellgame_dir)
         args = [*args, "--dataset=shakespeare_char"]
-    code, err = in_process("train.py", [*TINY, "--out_dir=out", *args], shellgame_dir, monkeypatch, capsys)
+    code, err = in_process("train.py", [*TINY, "--out_dir=out", *args], shellgame_dir, capsys)
     assert code in (1, 2) and len(err.splitlines()) == 1 and all(n in err for n in needles), err
     assert not (shellgame_dir / "out").exists()
 
 
-def test_fuzzed_flags_give_clean_errors(tmp_path, monkeypatch, capsys):
+def test_fuzzed_flags_give_clean_errors(tmp_path, capsys):
     """200 random malformed flag sets for train.py and sample.py: exit 1 or 2 and one line, never a
     traceback (in an empty directory: no data, no checkpoint)."""
     rng = random.Random(0)
@@ -74,19 +69,13 @@ def test_fuzzed_flags_give_clean_errors(tmp_path, monkeypatch, capsys):
             "eval_depths", "init_from", "seed", "warm_start", "max_new_tokens", "out_dir", "bogus", ""]
     values = ["", "0", "-1", "1e999", "nan", "x", "None", "[1,2]", "{'a':1}", "1,,2", "0,4", "True", "1.5",
               "9" * 400, "\u2603", "'", "__import__('os')", "cuda:7", "-0.0", "(1,2)", "b'x'"]
-    import sample
     for trial in range(200):
         flags = []
         for _ in range(rng.randint(1, 4)):
             form = rng.random()
             key, value = rng.choice(keys), rng.choice(values)
             flags.append(f"--{key}" if form < 0.1 else f"-{key}={value}" if form < 0.15 else f"--{key}={value}")
-        if trial % 2:
-            code, err = in_process("train.py", flags, tmp_path, monkeypatch, capsys)
-        else:
-            with pytest.raises(SystemExit) as e:
-                sample.main(flags)
-            code, err = e.value.code, capsys.readouterr().err.strip()
+        code, err = in_process("train.py" if trial % 2 else "sample.py", flags, tmp_path, capsys)
         assert code in (1, 2), (flags, code, err)
         assert len(err.splitlines()) == 1 and err.startswith("error: "), (flags, err)
     assert not any(tmp_path.iterdir())
@@ -142,14 +131,14 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     """SIGKILL in the middle of writing a checkpoint: the previous one is still whole and loadable."""
     path = tmp_path / "ckpt.pt"
     code = f"""
-import os, signal, torch, model
-model.save_checkpoint({{"model": {{"w": torch.ones(3)}}, "model_args": {{}}, "iter_num": 1}}, {str(path)!r})
+import os, signal, torch, common
+common.save_checkpoint({{"model": {{"w": torch.ones(3)}}, "model_args": {{}}, "iter_num": 1}}, {str(path)!r})
 def dying_save(obj, f):
     f.write(b"the first bytes of a checkpoint")
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
-model.save_checkpoint({{"model": {{}}, "model_args": {{}}, "iter_num": 2}}, {str(path)!r})
+common.save_checkpoint({{"model": {{}}, "model_args": {{}}, "iter_num": 2}}, {str(path)!r})
 """
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
     assert run.returncode == -signal.SIGKILL
@@ -235,10 +224,10 @@ def test_non_finite_loss_is_reported_and_never_saved(shellgame_dir, mode):
     run = run_script("train.py", *TINY, "--learning_rate=1e12", "--grad_clip=0", "--warmup_iters=0",
                      "--max_iters=4", "--eval_interval=2", f"--nonfinite={mode}", "--out_dir=out", cwd=shellgame_dir)
     if mode == "stop":
-        one_line_error(run, 1, "non-finite loss at iter 1 (depth")
+        one_line_error(run, 1, "non-finite loss at iter 2 (depth")
         assert not (shellgame_dir / "out/ckpt.pt").exists()
     else:
-        assert run.returncode == 0 and "non-finite loss at iter 1 (depth" in run.stdout and "skipping" in run.stdout
+        assert run.returncode == 0 and "non-finite loss at iter 2 (depth" in run.stdout and "skipping" in run.stdout
         if (shellgame_dir / "out/ckpt.pt").exists():
             weights = torch.load(shellgame_dir / "out/ckpt.pt", weights_only=True)["model"]
             assert all(torch.isfinite(w).all() for w in weights.values())
@@ -255,11 +244,19 @@ def test_non_finite_loss_is_reported_and_never_saved(shellgame_dir, mode):
     (["--num_steps=4,-1"], ["num_steps"]),
     (["--start=>zz"], ["vocabulary"]),
     (["--out_dir=elsewhere"], ["no checkpoint", "elsewhere"]),
+    (["--temperature=0"], ["temperature"]),
+    (["--exit_threshold=[1]"], ["exit_threshold"]),
+    (["--kv_budget=1.5"], ["kv_budget"]),
 ])
-def test_bad_sampling_input_gives_one_line(trained_dir, monkeypatch, capsys, args, needles):
-    import sample
-    monkeypatch.chdir(trained_dir)
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--out_dir=out", "--start=>ab", *args])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code in (1, 2) and len(err.splitlines()) == 1 and all(n in err for n in needles), err
+def test_bad_sampling_input_gives_one_line(trained_dir, capsys, args, needles):
+    code, err = in_process("sample.py", ["--out_dir=out", "--start=>ab", *args], trained_dir, capsys)
+    assert code in (1, 2) and len(err.splitlines()) == 1 and all(n in err for n in needles), err
+
+
+@pytest.mark.parametrize("script, flag", [("sample.py", "--top_k=0"), ("sample.py", "--num_steps=2,0"),
+                                          ("eval.py", "--exit_threshold=-1"), ("eval.py", "--exit_max_steps=0")])
+def test_bad_sampling_flags_fail_before_the_model_loads(tmp_path, capsys, script, flag):
+    """A bad sampling flag is named at once, before any checkpoint is read (here there is none to read)."""
+    code, err = in_process(script, ["--out_dir=nowhere", flag], tmp_path, capsys)
+    key = flag[2:].split("=")[0]
+    assert code == 2 and len(err.splitlines()) == 1 and key in err and "checkpoint" not in err, err

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN, train_tiny as train
+from conftest import ROOT, TINY_TRAIN, run_script, train_tiny as train
 
 
 def weights(path):
@@ -22,8 +22,17 @@ def test_loss_falls_and_eval_reports_every_depth(shellgame_dir):
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in run.stdout.splitlines() if line.startswith("iter ")]
     assert losses[-1] < math.log(17) - 1.0, losses
     evals = [line for line in run.stdout.splitlines() if line.startswith("eval iter")]
-    assert len(evals) == 2 and all(f"r={r}:" in evals[-1] for r in (1, 4, 6, 12))  # 1, 4, mean, 2 mean
+    assert [e.split(":")[0] for e in evals] == ["eval iter 0", "eval iter 30", "eval iter 60"]  # before training too
+    assert all(f"r={r}:" in evals[-1] for r in (1, 4, 6, 12))  # 1, 4, mean, 2 mean
     assert "depth" in run.stdout and "tok/s" in run.stdout
+
+
+def test_defaults_train_without_a_config_file_or_device(shellgame_dir):
+    """`python train.py --dataset=shellgame --max_iters=2`: the documented defaults (device "auto") train
+    on a machine without a GPU."""
+    run = run_script("train.py", "--dataset=shellgame", "--max_iters=2", "--eval_iters=1", cwd=shellgame_dir)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "device cpu" in run.stdout and "iter 2:" in run.stdout and (shellgame_dir / "out/ckpt.pt").exists()
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(shellgame_dir):
@@ -69,7 +78,7 @@ def test_ddp_ranks_agree_on_one_node_and_on_two(shellgame_dir):
 
 
 def test_every_config_file_holds_only_known_settings(tmp_path, monkeypatch, capsys):
-    """Each config/*.py is read by its script's configurator (an unknown key would stop it with exit 2):
+    """Each config/*.py is read by its script's settings (an unknown key would stop it with exit 2):
     config/bench_*.py by bench.py, the others by train.py."""
     import runpy
     configs = sorted((ROOT / "config").glob("*.py"))
@@ -87,9 +96,9 @@ def test_every_config_file_holds_only_known_settings(tmp_path, monkeypatch, caps
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
 def test_keep_freed_memory_stops_page_faults_between_steps():
     """Training steps with 64 MB of logits (batch 8 x 256, vocab 8192): by default glibc returns freed
-    blocks to the system and every step faults ~65k pages in again; with keep_freed_memory (train.py on
+    blocks to the system and every step faults its pages in again; with keep_freed_memory (train.py on
     CPU) steps reuse the memory, bar an occasional block."""
-    probe = ("import resource, sys, torch; from configurator import keep_freed_memory\n"
+    probe = ("import resource, sys, torch; from common import keep_freed_memory\n"
              "from model import ModelConfig, RecurrentGPT\n"
              "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
              "model = RecurrentGPT(ModelConfig(vocab_size=8192, block_size=256, n_embd=32, n_head=2,\n"
@@ -99,6 +108,7 @@ def test_keep_freed_memory_stops_page_faults_between_steps():
              "    if step == 4: before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
              "    model(idx, idx, num_steps=2)[1].backward()\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     faults = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], cwd=ROOT, capture_output=True,
-                                       text=True, check=True).stdout) for mode in ("default", "keep")}
+                                       text=True, check=True, env=env).stdout) for mode in ("default", "keep")}
     assert faults["keep"] * 4 < faults["default"], faults
