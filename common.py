@@ -25,7 +25,7 @@ import torch
 
 def die(message, code=2):
     """Stop with one line naming the problem, never a traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: the lines of several ranks never run together
     sys.exit(code)
 
 
@@ -226,11 +226,12 @@ def save_checkpoint(payload, path):
 
 def read_checkpoint(path):
     """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
-    can run code. Raises ValueError with one line for a missing, corrupt or foreign file."""
+    can run code. Its tensors are mapped from the file (mmap): processes reading one checkpoint share its pages.
+    Raises ValueError with one line for a missing, corrupt or foreign file."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():

@@ -7,8 +7,8 @@ at several depths, and under adaptive exit with the mean iterations it used.
     python eval.py --out_dir=out-demo --test_seed=4242              # freshly drawn games instead
 
 A game's answer is the cup under which the ball ends: the model's prediction at the last swap
-(exact match). The prompts of all difficulties are decoded together, in batches of mixed lengths
-(generate() left-pads them). Writes out_dir/eval.json and, with matplotlib installed, out_dir/eval.png.
+(exact match). Every depth is read from one pass of the recurrence (the logit lens, model.trace), which
+gives what generate() gives at that depth (a test checks it). Writes out_dir/eval.json and, with matplotlib installed, out_dir/eval.png.
 """
 
 import json
@@ -26,9 +26,9 @@ from prepare_data import shell_game
 # ---- settings: defaults, overridden by config files and --key=value ----
 out_dir = "out-demo"
 baseline = ""                # out_dir of a fixed-depth model to compare with (at its mean_recurrence)
-num_steps = "1,2,4,8,16,32"  # the depths evaluated (the model's mean_recurrence is added)
-exit_threshold = 1e-4        # adaptive exit: KL between successive iterations (slow settlers exit early at 1e-3)
-exit_max_steps = 32
+num_steps = "1,2,4,8,16,32,64"  # the depths evaluated (the model's mean_recurrence is added)
+exit_threshold = 3e-6        # adaptive exit: KL between successive iterations (long games settle slowly: larger exits early)
+exit_max_steps = 64
 batch_size = 500
 test_seed = 0                # 0: the data set's test files; else test_examples games per length drawn with it
 test_examples = 1000
@@ -52,11 +52,12 @@ def load(path):
 
 
 def test_sets(meta):
-    """{difficulty: (prompts, answers)}: the data set's test files, or games drawn with test_seed."""
+    """{difficulty: (prompts (N, n + 1), answers (N,))}: the data set's test files, or games drawn with test_seed."""
     if test_seed:
         rng = np.random.default_rng(test_seed)
         games = {n: [shell_game(rng, n) for _ in range(test_examples)] for n in meta["test_swaps"]}
-        return {n: ([torch.tensor(x) for x, _ in g], torch.tensor([y[-1] for _, y in g])) for n, g in games.items()}
+        return {n: (torch.tensor(np.array([x for x, _ in g])), torch.tensor([y[-1] for _, y in g]))
+                for n, g in games.items()}
     sets = {}
     for n in meta["test_swaps"]:
         paths = [os.path.join(data_dir, meta["name"], f"test_{n}{s}.bin") for s in ("", "_targets")]
@@ -64,44 +65,39 @@ def test_sets(meta):
             die(f"{paths[0]} is missing: run python prepare_data.py", code=1)
         x = np.fromfile(paths[0], dtype=np.uint16).astype(np.int64).reshape(-1, n + 1)
         y = np.fromfile(paths[1], dtype=np.int16).astype(np.int64).reshape(-1, n + 1)
-        sets[n] = (list(torch.from_numpy(x)), torch.from_numpy(y[:, -1]))
+        sets[n] = (torch.from_numpy(x), torch.from_numpy(y[:, -1]))
     return sets
 
 
-def predict(model, prompts, num_steps, progress, exit_threshold=None):
-    """Greedy answers (the token generated after each prompt) and the iterations each used."""
-    preds, steps = [], []
-    for i in range(0, len(prompts), batch_size):
-        out, used = model.generate(prompts[i:i + batch_size], 1, num_steps=num_steps, top_k=1,
-                                   exit_threshold=exit_threshold, return_steps=True)
-        preds += [o[-1].item() for o in out]
-        steps += used[:, 0].tolist()
-        progress.update()
-    return torch.tensor(preds), torch.tensor(steps, dtype=torch.float)
+def answers_by_iteration(model, prompts, num_steps):
+    """Log-probabilities of the answer (the token after each prompt) after every iteration: (num_steps, B, vocab).
+    One pass of the logit lens gives every depth at once: generate() at depth r answers as iteration r does."""
+    return torch.log_softmax(model.trace(prompts.to(device), num_steps)[:, :, -1].float(), dim=-1).cpu()
 
 
 def evaluate(model, sets, depths, progress):
-    """Accuracy per difficulty at each depth and under adaptive exit; all difficulties share batches."""
-    lengths = {n: len(p) for n, (p, _) in sets.items()}
-    prompts = [p for ps, _ in sets.values() for p in ps]
-    answers = torch.cat([a for _, a in sets.values()])
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0))  # mix the lengths
-    prompts = [prompts[i] for i in order]
-
-    def per_difficulty(values):
-        restored = torch.empty_like(values)
-        restored[order] = values
-        return dict(zip(lengths, restored.split(list(lengths.values()))))
-
-    correct = {}
-    for r in depths:
-        preds, _ = predict(model, prompts, r, progress)
-        correct[r] = per_difficulty((preds == answers[order]).float())
-    preds, steps = predict(model, prompts, exit_max_steps, progress, exit_threshold)
-    exit_correct, exit_steps = per_difficulty((preds == answers[order]).float()), per_difficulty(steps)
-    return {n: dict(accuracy=[correct[r][n].mean().item() for r in depths],
-                    exit_accuracy=exit_correct[n].mean().item(), exit_mean_steps=exit_steps[n].mean().item())
-            for n in sets}
+    """Accuracy per difficulty at each depth and under adaptive exit. The games of one length run together
+    (no padding) and the recurrence runs once, to the deepest setting. Adaptive exit is replayed on the
+    answers as generate() decides it: a game stops at the first iteration i >= 2 whose distribution is
+    within exit_threshold (KL) of iteration i - 1's, else at exit_max_steps."""
+    results = {}
+    for n, (prompts, answers) in sets.items():
+        correct, exit_correct, exit_steps = [], [], []
+        for i in range(0, len(prompts), batch_size):
+            logp = answers_by_iteration(model, prompts[i:i + batch_size], max(max(depths), exit_max_steps))
+            ans = answers[i:i + batch_size]
+            correct.append(torch.stack([logp[r - 1].argmax(-1) == ans for r in depths]).float())
+            logp = logp[:exit_max_steps]
+            kl = (logp[:-1].exp() * (logp[:-1] - logp[1:])).sum(-1)  # (exit_max_steps - 1, B): KL(iter i || i + 1)
+            below = kl < exit_threshold
+            steps = torch.where(below.any(0), below.int().argmax(0) + 2, exit_max_steps)
+            exit_correct.append((logp[steps - 1, torch.arange(len(ans))].argmax(-1) == ans).float())
+            exit_steps.append(steps.float())
+            progress.update()
+        results[n] = dict(accuracy=torch.cat(correct, 1).mean(1).tolist(),
+                          exit_accuracy=torch.cat(exit_correct).mean().item(),
+                          exit_mean_steps=torch.cat(exit_steps).mean().item())
+    return results
 
 
 def chart(depths, rows):
@@ -146,7 +142,7 @@ def plot(path, depths, rows):
 
 depths = int_list("num_steps", num_steps)
 check_settings(config, [("batch_size", batch_size >= 1, ">= 1"), ("test_examples", test_examples >= 1, ">= 1"),
-                        ("exit_max_steps", exit_max_steps >= 1, ">= 1")])
+                        ("exit_max_steps", exit_max_steps >= 2, ">= 2 (exit compares two iterations)")])
 try:
     for r in depths:
         check_sampling(r, exit_threshold=exit_threshold)
@@ -159,8 +155,7 @@ model, meta = load(out_dir)
 base = load(baseline)[0] if baseline else None
 depths = sorted(set(depths) | {model.config.mean_recurrence})
 sets = test_sets(meta)
-n_batches = (len(depths) + 1) * -(-sum(len(p) for p, _ in sets.values()) // batch_size)
-n_batches += sum(-(-len(p) // batch_size) for p, _ in sets.values()) if base else 0
+n_batches = (2 if base else 1) * sum(-(-len(p) // batch_size) for p, _ in sets.values())
 t0 = time.time()
 with tqdm(total=n_batches, unit="batch", disable=None) as progress:
     results = evaluate(model, sets, depths, progress)
@@ -168,8 +163,10 @@ with tqdm(total=n_batches, unit="batch", disable=None) as progress:
     rows = [dict(difficulty=n, in_training_range=low <= n <= high, n=len(sets[n][1]), **results[n]) for n in sets]
     if base:
         r = base.config.mean_recurrence
-        for row, (n, (prompts, answers)) in zip(rows, sets.items()):
-            preds, _ = predict(base, prompts, r, progress)
+        for row, (prompts, answers) in zip(rows, sets.values()):
+            preds = torch.cat([answers_by_iteration(base, prompts[i:i + batch_size], r)[-1].argmax(-1)
+                               for i in range(0, len(prompts), batch_size)])
+            progress.update(-(-len(prompts) // batch_size))
             row.update(baseline_accuracy=(preds == answers).float().mean().item(), baseline_num_steps=r)
 elapsed = time.time() - t0
 header = f"{'n':>4} {'count':>6} " + " ".join(f"{'r=' + str(r):>6}" for r in depths)
@@ -183,7 +180,7 @@ for row in rows:
 print(f"adaptive exit: KL threshold {exit_threshold}, at most {exit_max_steps} steps")
 print(chart(depths, rows))
 print(f"evaluated {sum(r['n'] for r in rows):,} games at {len(depths) + 1} settings in {elapsed:.1f} s "
-      f"(batches of {batch_size} mixed lengths)")
+      f"(one pass to the deepest setting per batch)")
 result = dict(num_steps=depths, exit_threshold=exit_threshold, exit_max_steps=exit_max_steps, test_seed=test_seed,
               seconds=elapsed, rows=rows)
 try:

@@ -204,6 +204,9 @@ def save_huginn(model, path, source_dir=None, dtype=None, shard_bytes=4 << 30):
     safetensors shards of at most shard_bytes with model.safetensors.index.json (written last: it names only
     whole shards), and the tokenizer and modeling-code files of source_dir (the release it was fine-tuned from)
     when there is one. dtype None keeps the weights' own. Every file is written atomically (WriteError)."""
+    if model.config.pos_encoding != "rope":
+        raise ValueError(f"the release computes with rotary positions; this model has pos_encoding="
+                         f"{model.config.pos_encoding!r}, which its code cannot run")
     try:
         from safetensors.torch import save
     except ImportError:

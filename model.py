@@ -8,9 +8,8 @@ Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach" (released a
     p   = C(ln_f(s_r))           coda: n_coda blocks, ln_f, the tied lm_head
 
 One set of weights serves any num_steps. Training samples the depth for every step and backpropagates
-through the last backprop_depth iterations only (truncated backprop); at inference the user picks the
-depth, and generate() adds the paper's per-iteration KV cache, adaptive exit, KV-cache sharing and
-warm start.
+through the last backprop_depth iterations only (truncated backprop); at inference the user picks the depth,
+and generate() adds the paper's per-iteration KV cache, adaptive exit, KV-cache sharing and warm start.
 """
 
 import math
@@ -58,6 +57,10 @@ class CausalSelfAttention(nn.Module):
         self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         # the release's only bias: a learned offset added to q and k (index 0 and 1) before RoPE
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim)) if config.qk_bias else None
+        # pos_encoding "alibi": no rotation, but a bias -slope * (query position - key position) on the logits
+        # (Press et al. 2022), one slope per head, learned (as its log), starting from 1 down to 1/16
+        self.log_slopes = (nn.Parameter(torch.linspace(0, -4 * math.log(2), self.n_head))
+                           if config.pos_encoding == "alibi" else None)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x, rope, cache=None, iteration=0):
@@ -66,10 +69,15 @@ class CausalSelfAttention(nn.Module):
         qk, v = qkv[:, :, :2], qkv[:, :, 2].transpose(1, 2)  # q and k go through the bias and RoPE together
         if self.qk_bias is not None:
             qk = qk + self.qk_bias[:, 0].to(qk.dtype)
-        q, k = apply_rope(qk, rope).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
+        q, k = (qk if rope is None else apply_rope(qk, rope)).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_id, iteration, k, v)
+        if self.log_slopes is not None:  # distances between cache slots: a left-padded row keeps its spacing
+            S = k.size(2)
+            dist = torch.arange(S - T, S, device=x.device)[:, None] - torch.arange(S, device=x.device)
+            bias = (-self.log_slopes.exp()[:, None, None] * dist).to(q.dtype)
+            mask = torch.where(dist >= 0 if mask is None else mask, bias, -math.inf)
         # without a mask, a prefill is plainly causal and a single decoded token sees every cached key
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -121,6 +129,7 @@ class ModelConfig:
     rope_base: float = 50000.0
     norm_eps: float = 1e-6
     state_init: str = "like-init"  # s_0: "like-init" (truncated normal, as the embeddings) or "zero"
+    pos_encoding: str = "rope"     # "rope" (rotary, the release's), "alibi" (a learned bias on distance) or "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "intermediate_size", "n_prelude", "n_core",
@@ -133,6 +142,8 @@ class ModelConfig:
                              "into an even head size (RoPE rotates pairs of dims)")
         if self.state_init not in ("like-init", "zero"):
             raise ValueError(f"state_init must be 'like-init' or 'zero' (got {self.state_init!r})")
+        if self.pos_encoding not in ("rope", "alibi", "none"):
+            raise ValueError(f"pos_encoding must be 'rope', 'alibi' or 'none' (got {self.pos_encoding!r})")
 
 
 def check_sampling(num_steps, max_new_tokens=1, temperature=1.0, top_k=None, exit_threshold=None, kv_budget=None):
@@ -179,8 +190,8 @@ class RecurrentGPT(nn.Module):
         std = math.sqrt(2 / (5 * cfg.n_embd))
         out_std = std / math.sqrt(2 * (cfg.n_prelude + cfg.n_coda + cfg.n_core * cfg.mean_recurrence))
         for name, p in self.named_parameters():
-            if name.endswith(".qk_bias"):
-                nn.init.zeros_(p)
+            if name.endswith((".qk_bias", ".log_slopes")):
+                continue  # made with their initial values
             elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
             else:
@@ -192,8 +203,7 @@ class RecurrentGPT(nn.Module):
 
     @classmethod
     def from_huginn(cls, path, device=None, dtype=None):
-        """The released Huginn-0125 from its local directory, in eval mode with a zero initial state (its logits
-        are then the release's); dtype None keeps the stored bfloat16. huginn.py maps the names and keys."""
+        """The released Huginn-0125 from its directory (huginn.py), in eval mode with a zero initial state."""
         from huginn import load_huginn  # imported here: huginn.py imports this file, and needs safetensors
         return load_huginn(cls, path, device, dtype)
 
@@ -204,8 +214,8 @@ class RecurrentGPT(nn.Module):
     # ---- the three stages ----
 
     def rope_at(self, pos):
-        """The RoPE table's rows at positions pos (a slice, (T,) or (B, T)), shaped for apply_rope."""
-        return self.rope_table[pos][..., None, None, :, :]
+        """The RoPE table's rows at positions pos (a slice, (T,) or (B, T)), shaped for apply_rope; None without RoPE."""
+        return self.rope_table[pos][..., None, None, :, :] if self.config.pos_encoding == "rope" else None
 
     def embed(self, idx, rope, cache=None):
         """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
@@ -308,8 +318,7 @@ class RecurrentGPT(nn.Module):
             forward = (n_prelude + n_coda) block + (n_no_grad + n_grad) core + head
             backward = 2 ((n_prelude block if n_grad > 0) + n_grad core + n_coda block + head)
 
-        A backward costs twice its forward (the gradients of the input and of the weight). The no-grad
-        iterations have none; the prelude gets its gradient through e in the grad iterations only."""
+        A backward costs twice its forward (input and weight gradients); the no-grad iterations have none."""
         cfg = self.config
         N, d, h = batch_size * seq_len, cfg.n_embd, cfg.intermediate_size
         block = N * (8 * d * d + 6 * d * h) + 4 * N * seq_len * d
@@ -337,11 +346,10 @@ class RecurrentGPT(nn.Module):
         for i in range(num_steps):
             cache.active = active
             s_next = self.core_iteration(s, e, rope, cache, i)
+            s = s_next if active is None else torch.where(active[:, None, None], s_next, s)  # exited rows keep theirs
             if active is None:
-                s = s_next
                 continue
             # adaptive exit: compare the next-token distributions of successive iterations, row by row
-            s = torch.where(active[:, None, None], s_next, s)  # a row that exited keeps its state and answer
             logp_prev, logp = logp, F.log_softmax(self.coda_head(s, rope, cache)[:, -1], dim=-1)
             if logp_prev is not None:
                 kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(previous || current)
@@ -380,7 +388,9 @@ class RecurrentGPT(nn.Module):
         if prompts is not None:
             if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
                 raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
-            idx, valid = left_pad(prompts, self.rope_table.device)
+            lengths = torch.tensor([len(p) for p in prompts], device=self.rope_table.device)  # left-padded:
+            valid = torch.arange(int(lengths.max()), device=lengths.device) >= lengths.max() - lengths[:, None]
+            idx = torch.zeros_like(valid, dtype=torch.long).masked_scatter_(valid, torch.cat(prompts).to(valid.device))
         B, T = idx.shape
         if T == 0:
             raise ValueError("the prompt is empty: give at least one token")
@@ -421,18 +431,10 @@ class RecurrentGPT(nn.Module):
         logits, states = [], []
         for _ in range(num_steps):
             s = self.core_iteration(s, e, rope)
-            states.append(s)
+            if return_states:
+                states.append(s)
             logits.append(self.coda_head(s, rope))
         return (torch.stack(logits), torch.stack(states)) if return_states else torch.stack(logits)
-
-
-def left_pad(prompts, device):
-    """Stack 1-D prompts of different lengths into (B, L), padded on the left, and a mask of real tokens."""
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    valid = torch.arange(int(lengths.max()), device=device) >= lengths.max() - lengths[:, None]
-    idx = torch.zeros(valid.shape, dtype=torch.long, device=device)
-    idx[valid] = torch.cat(list(prompts)).to(device)
-    return idx, valid
 
 
 class KVCache:

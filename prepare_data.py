@@ -49,7 +49,7 @@ val_examples = 2_000
 test_examples = 1_000
 min_swaps = 1                # training games have min_swaps..max_swaps swaps, uniformly
 max_swaps = 16
-test_swaps = "2,4,8,12,16,20,24"
+test_swaps = "2,4,8,12,16,20,24,28,32"
 seed = 1337
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

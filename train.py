@@ -64,6 +64,7 @@ qk_bias = True
 rope_base = 50000.0
 norm_eps = 1e-6
 state_init = "like-init"
+pos_encoding = "rope"        # "rope" (rotary, the release's), "alibi" (a learned bias on distance) or "none"
 random_depth = True          # False: every step runs mean_recurrence iterations (a fixed-depth model)
 # AdamW, warmup then cosine decay
 learning_rate = 1e-3
@@ -87,7 +88,8 @@ seed = 1337
 config = configure(globals())
 
 MODEL_FIELDS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]
-SHAPE = ("n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias", "rope_base", "norm_eps")
+SHAPE = ("n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias", "rope_base", "norm_eps",
+         "pos_encoding")
 given = {f.name for f in fields(ModelConfig) if f.name in MODEL_FIELDS and config[f.name] != f.default}
 check_settings(config, [
     ("batch_size", batch_size >= 1, ">= 1"), ("block_size", block_size >= 1, ">= 1"),
@@ -108,10 +110,10 @@ if fsdp and "RANK" not in os.environ and not dry_run:
 device, device_type = setup_device(device)
 dtype = pick_dtype(dtype, device_type)
 
-# ---- distributed setup: torchrun sets RANK; NCCL on CUDA, gloo on CPU ----
-ddp = "RANK" in os.environ
+# ---- distributed setup: torchrun sets RANK; NCCL on CUDA, gloo on CPU; DDP, or FSDP with --fsdp ----
+distributed = "RANK" in os.environ
 rank, local_rank, world_size = 0, 0, 1
-if ddp:
+if distributed:
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":
@@ -280,7 +282,7 @@ if checkpoint is not None:  # PyTorch's state-dict helpers: the same full checkp
     iter_num = saved_iter = checkpoint["iter_num"]
     checkpoint = None  # free the memory
 raw_model = model
-if ddp and not fsdp:
+if distributed and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
@@ -303,16 +305,26 @@ def save(iter_num):
             kept = f"the checkpoint of iter {saved_iter} is intact" if saved_iter else f"{ckpt_path} is as it was"
             error = f"{e}; {kept}. Free some space, then continue with --init_from=resume"
     if agree(error is not None):
-        die(error or f"rank {rank}: stopping, rank 0 could not save the checkpoint", code=1)
+        stop_together(error or f"rank {rank}: stopping, rank 0 could not save the checkpoint")
 
 
 def agree(flag):
     """Whether flag is true on any rank (every rank calls this at the same point)."""
-    if not ddp:
+    if not distributed:
         return flag
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def stop_together(message):
+    """Stop every rank where all of them decided to, each with its one line: all print before any exits
+    (torchrun ends the other ranks as soon as one exits)."""
+    sys.stderr.write(f"error: {message}\n")  # one write: the lines of several ranks never run together
+    sys.stderr.flush()
+    if distributed:
+        dist.barrier()
+    sys.exit(1)
 
 
 def step_seed(i, stream, per_rank=True):
@@ -389,7 +401,7 @@ def report(losses, iter_num):
 log(f"train: {json.dumps(config)}")
 log(f"model: {raw_model.get_num_params():,} parameters, {json.dumps(model_args)}")
 log(f"data: {data_dir} ({meta['layout']}, vocab {meta['vocab_size']}); device {device}, dtype {dtype}"
-    + (f", {world_size} processes" + (" (FSDP)" if fsdp else " (DDP)") if ddp else ""))
+    + (f", {world_size} processes" + (" (FSDP)" if fsdp else " (DDP)") if distributed else ""))
 if master:
     os.makedirs(out_dir, exist_ok=True)
 if iter_num >= max_iters:
@@ -416,7 +428,7 @@ while iter_num < max_iters and not stop_requested:
             last = micro == gradient_accumulation_steps - 1  # gradients are reduced over the ranks at the last one
             if fsdp:
                 model.set_requires_gradient_sync(last)
-            with model.no_sync() if ddp and not fsdp and not last else nullcontext():
+            with model.no_sync() if distributed and not fsdp and not last else nullcontext():
                 with autocast:
                     _, loss = model(x, y, num_steps=(n_no_grad, n_grad))
                 (loss / gradient_accumulation_steps).backward()
@@ -429,7 +441,7 @@ while iter_num < max_iters and not stop_requested:
             "--activation_checkpointing", code=1)
     # one small all-reduce: the mean loss over the ranks, and whether any rank was asked to stop
     flags = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(stop_requested), device=device)])
-    if ddp:
+    if distributed:
         dist.all_reduce(flags)
     loss_value, stop_requested = flags[0].item() / world_size, flags[1].item() > 0
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)  # the reduced gradients
@@ -437,8 +449,8 @@ while iter_num < max_iters and not stop_requested:
     if not (math.isfinite(loss_value) and math.isfinite(norm)):  # the same on every rank: all skip, or all stop
         message = f"non-finite loss at iter {iter_num + 1} (depth {n_no_grad + n_grad})"
         if nonfinite == "stop":
-            die(f"{message}: stopping; the last checkpoint in {out_dir} is intact. Lower learning_rate, "
-                "or pass --nonfinite=skip to skip such steps", code=1)
+            stop_together(f"{message}: stopping; the last checkpoint in {out_dir} is intact. Lower learning_rate, "
+                          "or pass --nonfinite=skip to skip such steps")
         log(f"{message}: skipping the step")
     else:
         optimizer.step()
@@ -455,19 +467,20 @@ while iter_num < max_iters and not stop_requested:
     if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
         report(evaluate(), iter_num)
         save(iter_num)
-        if ddp:  # the ranks must agree on every depth drawn, and under DDP on the weights
+        if distributed:  # the ranks must agree on every depth drawn, and under DDP on the weights
             weights = None if fsdp else sum(p.detach().double().sum().item() for p in raw_model.parameters())
             digests = [None] * world_size
             dist.all_gather_object(digests, (tuple(depth_history), weights))
             if master and any(d != digests[0] for d in digests):
                 die("the ranks disagree on the depths drawn or the weights", code=1)
-            log(f"ddp: {world_size} ranks agree on {len(depth_history)} depths" + ("" if fsdp else " and the weights"))
+            log(f"{'fsdp' if fsdp else 'ddp'}: {world_size} ranks agree on {len(depth_history)} depths"
+                + ("" if fsdp else " and the weights"))
         t0, t0_iter = time.time(), iter_num
 progress.close()
 if stop_requested:
     log(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
 exit_code = 130 if stop_requested else 0  # 130: the shell's code for a run stopped by Ctrl-C
-if ddp:
+if distributed:
     dist.barrier()
     dist.destroy_process_group()
     # gloo's worker threads may still be freeing tensors while Python shuts down, which aborts the

@@ -1,7 +1,7 @@
 # The shell game on a laptop CPU in about ten minutes: python prepare_data.py && python train.py config/demo.py
 out_dir = "out-demo"
 dataset = "shellgame"
-block_size = 32          # rows are 17 tokens; room for the longer test games (up to 24 swaps)
+block_size = 34          # rows are 17 tokens; room for the longest test game (32 swaps) and its answer
 batch_size = 64
 n_embd = 64
 n_head = 2
@@ -9,13 +9,14 @@ intermediate_size = 160
 n_prelude = 1
 n_core = 1
 n_coda = 1
-mean_recurrence = 5      # deep enough to learn the game, shallow enough that 8 iterations saturate it
+pos_encoding = "alibi"   # a learned bias on distance, no absolute positions: the rule learned holds at lengths never seen
+mean_recurrence = 16     # training depth comparable to the longest training game
 backprop_depth = 4
 learning_rate = 3e-3
 min_lr = 3e-4
-max_iters = 13000
-warmup_iters = 390
-lr_decay_iters = 13000
+max_iters = 6500
+warmup_iters = 240
+lr_decay_iters = 6500
 weight_decay = 0.1
 eval_interval = 1000
 eval_iters = 10

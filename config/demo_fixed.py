@@ -1,4 +1,4 @@
-# The fixed-depth baseline for the demo: the same parameters, one pass of the core block, no random depth,
+# The fixed-depth baseline for the demo: the same parameters and positions, one pass of the core block, no random depth,
 # and about the same wall-clock budget as config/demo.py (its steps are cheaper, so it takes more of them).
 # python train.py config/demo.py config/demo_fixed.py
 out_dir = "out-demo-fixed"

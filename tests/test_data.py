@@ -45,7 +45,7 @@ def test_shell_game_is_reproducible_correct_and_held_out(tmp_path):
 
     meta = json.loads((a / "shellgame" / "meta.json").read_text())
     assert meta["layout"] == "rows" and meta["row_len"] == 17 and meta["vocab_size"] == 17
-    assert meta["train_swaps"] == [1, 16] and meta["test_swaps"] == [2, 4, 8, 12, 16, 20, 24]
+    assert meta["train_swaps"] == [1, 16] and meta["test_swaps"] == [2, 4, 8, 12, 16, 20, 24, 28, 32]
     x, y = rows(a / "shellgame" / "train.bin", 17), rows(a / "shellgame" / "train_targets.bin", 17)
     lengths = (x != prepare_data.PAD).sum(1) - 1
     for row, target, n in zip(x[:500], y[:500], lengths[:500]):

@@ -87,8 +87,12 @@ def test_export_of_a_model_trained_here_is_an_exact_round_trip(tmp_path):
     """A model trained from scratch with train.py, exported by huginn.py (no source: no tokenizer files) and loaded
     by from_huginn, has every tensor and its logits exactly; save_huginn shards at the size asked for."""
     make_shellgame(tmp_path)
-    assert run_script("train.py", *TINY_TRAIN, "--max_iters=3", "--eval_interval=3", "--out_dir=out",
-                      cwd=tmp_path).returncode == 0
+    train = ["train.py", *TINY_TRAIN, "--max_iters=3", "--eval_interval=3", "--out_dir=out"]
+    assert run_script(*train, "--pos_encoding=alibi", cwd=tmp_path).returncode == 0
+    run = run_script("huginn.py", "--out_dir=out", "--export_dir=exported", cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.startswith("error: the release computes with rotary positions")
+    assert not (tmp_path / "exported").exists()  # the release's code runs rotary positions only
+    assert run_script(*train, "--pos_encoding=rope", cwd=tmp_path).returncode == 0
     run = run_script("huginn.py", "--out_dir=out", "--export_dir=exported", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     trained, _ = load_model(str(tmp_path / "out"), "cpu")
@@ -169,7 +173,7 @@ def test_dry_run_prints_the_memory_of_a_step(release, capsys):
 def torchrun(cwd, out_dir, *args, popen=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
            *map(str, TINY_TRAIN), "--max_iters=8", "--eval_interval=2", "--gradient_accumulation_steps=2",
-           "--log_interval=1", f"--out_dir={out_dir}", *args]
+           "--log_interval=1", "--pos_encoding=rope", "--mean_recurrence=5", f"--out_dir={out_dir}", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -207,7 +211,7 @@ def test_fsdp_matches_ddp_and_resumes_after_a_kill(shellgame_dir):
     the same data (1e-5, float32); an FSDP run killed with SIGKILL after a checkpoint, then resumed, ends where the
     uninterrupted one does; a single process reads its checkpoint."""
     out = torchrun(shellgame_dir, "fsdp", "--fsdp")
-    assert "2 processes (FSDP)" in out and "ddp: 2 ranks agree on 8 depths" in out
+    assert "2 processes (FSDP)" in out and "fsdp: 2 ranks agree on 8 depths" in out
     torchrun(shellgame_dir, "ddp")
     a, b = weights(shellgame_dir / "fsdp/ckpt.pt"), weights(shellgame_dir / "ddp/ckpt.pt")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)

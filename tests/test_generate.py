@@ -21,12 +21,14 @@ def greedy_by_recompute(model, idx, n, num_steps):
     return idx
 
 
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("num_steps", [1, 3, 8])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cached_greedy_equals_full_recompute(dtype, num_steps, batch):
-    """Decoding with the cache gives exactly the tokens of recomputing the whole forward per token."""
-    model = build(dtype)
+def test_cached_greedy_equals_full_recompute(dtype, num_steps, batch, pos_encoding):
+    """Decoding with the cache gives exactly the tokens of recomputing the whole forward per token, whatever
+    the positions (rotary, a learned distance bias, or none)."""
+    model = build(dtype, pos_encoding=pos_encoding)
     idx = torch.randint(0, 64, (batch, 7), generator=torch.Generator().manual_seed(1))
     out = model.generate(idx, 16, num_steps=num_steps, top_k=1)
     assert out.shape == (batch, 23)
@@ -186,3 +188,54 @@ def test_bad_prompts():
         model.generate([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], 4)
     with pytest.raises(ValueError, match="token ids"):
         model.generate(torch.tensor([[1, 64]]), 4)
+
+
+@pytest.mark.parametrize("pos_encoding", ["alibi", "none"])
+@pytest.mark.parametrize("exit_threshold", [None, 1e-2])
+def test_prompts_of_different_lengths_batch_like_alone_without_rotary_positions(pos_encoding, exit_threshold):
+    """The batching contract for the other positional schemes: left-padded rows get what they get alone. The
+    slopes are spread out first, so that the distance bias decides something."""
+    model = build(pos_encoding=pos_encoding)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (1, 9, 4, 12)]
+    outs, steps = model.generate(prompts, 8, num_steps=6, top_k=1, exit_threshold=exit_threshold, return_steps=True)
+    for p, out, s in zip(prompts, outs, steps):
+        alone, s_alone = model.generate(p[None], 8, num_steps=6, top_k=1, exit_threshold=exit_threshold,
+                                        return_steps=True)
+        assert torch.equal(out, alone[0]) and torch.equal(s, s_alone[0])
+
+
+def test_eval_reads_each_depth_as_generate_gives_it(tmp_path):
+    """eval.py reads every depth from one pass of the logit lens and replays adaptive exit on it: its
+    accuracies, exit accuracy and mean exit steps are generate()'s, game by game."""
+    import json
+
+    import numpy as np
+
+    from common import load_model
+    from conftest import make_shellgame, run_main, train_tiny
+    make_shellgame(tmp_path)
+    train_tiny(tmp_path, "--max_iters=40", "--mean_recurrence=4", "--pos_encoding=alibi", "--out_dir=out")
+    threshold, max_steps = 1e-3, 8
+    assert run_main("eval.py", ["--out_dir=out", "--num_steps=1,3", f"--exit_threshold={threshold}", "--device=cpu",
+                                f"--exit_max_steps={max_steps}", "--batch_size=64"], tmp_path) == 0
+    result = json.loads((tmp_path / "out/eval.json").read_text())
+    assert result["num_steps"] == [1, 3, 4]  # the model's mean_recurrence added
+    model, _ = load_model(str(tmp_path / "out"), "cpu")
+    model.config.state_init = "zero"
+    all_steps = []
+    for row in result["rows"]:
+        n = row["difficulty"]
+        x = torch.from_numpy(np.fromfile(tmp_path / f"data/shellgame/test_{n}.bin", dtype=np.uint16).astype(np.int64))
+        y = np.fromfile(tmp_path / f"data/shellgame/test_{n}_targets.bin", dtype=np.int16).astype(np.int64)
+        x, answers = x.view(-1, n + 1), torch.from_numpy(y).view(-1, n + 1)[:, -1]
+        for r, accuracy in zip(result["num_steps"], row["accuracy"]):
+            assert (model.generate(x, 1, num_steps=r, top_k=1)[:, -1] == answers).float().mean().item() == accuracy
+        out, steps = model.generate(x, 1, num_steps=max_steps, top_k=1, exit_threshold=threshold, return_steps=True)
+        assert (out[:, -1] == answers).float().mean().item() == row["exit_accuracy"]
+        assert steps.float().mean().item() == pytest.approx(row["exit_mean_steps"], abs=1e-6)
+        all_steps.append(steps)
+    all_steps = torch.cat(all_steps)
+    assert all_steps.min() < all_steps.max()  # games exited at different iterations: the replay was exercised

@@ -176,3 +176,23 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
         assert torch.allclose(g, grads[1][name], rtol=0, atol=1e-10), name
     per_iteration = [(b - a) / 4 for a, b in saved]
     assert 0 < 5 * per_iteration[1] < per_iteration[0], saved
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    """pos_encoding="alibi": attention scores are q.k / sqrt(head_dim) - slope_h * (query position - key
+    position), causal, with no rotation; with slopes near 0 that is attention without positions."""
+    from model import CausalSelfAttention
+    torch.manual_seed(0)
+    alibi, none = CausalSelfAttention(tiny(pos_encoding="alibi"), 0), CausalSelfAttention(tiny(pos_encoding="none"), 0)
+    none.load_state_dict({k: v for k, v in alibi.state_dict().items() if k != "log_slopes"})
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        alibi.log_slopes.copy_(torch.tensor([0.7, 0.05]).log())
+        bias = torch.cat([alibi.qk_bias[:, 0], torch.zeros(1, 2, 16)])  # on q and k, not v
+        q, k, v = (alibi.Wqkv(x).view(2, 10, 3, 2, 16) + bias).permute(2, 0, 3, 1, 4)
+        dist = torch.arange(10)[:, None] - torch.arange(10)
+        scores = q @ k.transpose(-1, -2) / 4 - torch.tensor([0.7, 0.05])[:, None, None] * dist
+        y = scores.masked_fill(dist < 0, float("-inf")).softmax(-1) @ v
+        assert torch.allclose(alibi(x, None), alibi.proj(y.transpose(1, 2).reshape(2, 10, 32)), atol=1e-5)
+        alibi.log_slopes.fill_(-30.0)
+        assert torch.allclose(alibi(x, None), none(x, None), atol=1e-5)
