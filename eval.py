@@ -121,8 +121,8 @@ def plot(path, depths, rows):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
-        line, = ax.plot(depths, row["accuracy"], marker="o", label=f"n={row['difficulty']}"
-                        + ("" if row["in_training_range"] else " (untrained length)"))
+        line, = ax.plot(depths, row["accuracy"], marker="o", linestyle="-" if row["in_training_range"] else "--",
+                        label=f"n={row['difficulty']}" + ("" if row["in_training_range"] else " (untrained length)"))
         if "baseline_accuracy" in row:
             ax.plot([row["baseline_num_steps"]], [row["baseline_accuracy"]], marker="x", markersize=10,
                     color=line.get_color(), linestyle="none")
