@@ -226,12 +226,13 @@ def save_checkpoint(payload, path):
 
 def read_checkpoint(path):
     """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
-    can run code. Its tensors are mapped from the file (mmap): processes reading one checkpoint share its pages.
-    Raises ValueError with one line for a missing, corrupt or foreign file."""
+    can run code. Its tensors are mapped from the file (mmap): processes reading one checkpoint share its pages
+    (not on Windows, which cannot replace a mapped file, as the next save does). Raises ValueError with one
+    line for a missing, corrupt or foreign file."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=os.name != "nt")
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
