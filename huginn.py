@@ -33,7 +33,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from common import WriteError, atomic_write, configure, die, load_model
+from common import WriteError, atomic_write, check_settings, configure, die, load_model
 from model import ModelConfig, precompute_rope
 
 # ---- settings of the export (python huginn.py), overridden by --key=value ----
@@ -238,8 +238,7 @@ if __name__ == "__main__":
     config = configure(globals())
     if not export_dir:
         die("give --export_dir=DIR, where the release's layout is written")
-    if dtype not in ("float32", "bfloat16"):
-        die(f"dtype must be 'float32' or 'bfloat16' (got {dtype!r})")
+    check_settings(config, [("dtype", dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")])
     print(f"huginn: {json.dumps(config)}")
     try:
         model, checkpoint = load_model(out_dir, "cpu")

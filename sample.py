@@ -138,6 +138,12 @@ def print_trace(model, idx, num_steps, decode, answers=None):
         print(f"wrote {trace_plot}")
 
 
+def end_of_turn(text, start=0):
+    """In a chat, the text up to the first <|end_turn|> after start (Huginn's answer ends there)."""
+    end = text.find("<|end_turn|>", start) if chat else -1
+    return text if end < 0 else text[:end]
+
+
 class Stream:
     """Prints one sample's text as its tokens arrive, up to the end of the turn in a chat (a BPE token may end
     inside a character: text is printed once it decodes whole)."""
@@ -148,9 +154,7 @@ class Stream:
 
     def __call__(self, token):
         self.ids.append(token[0, 0].item())
-        text = self.decode(self.ids)
-        if chat:
-            text = text[:text.find("<|end_turn|>") % (len(text) + 1)]
+        text = end_of_turn(self.decode(self.ids))
         if not text.endswith("\ufffd"):
             print(text[self.shown:], end="", flush=True)
             self.shown = len(text)
@@ -215,10 +219,7 @@ for r in depths:
         continue
     for k in range(len(out)):
         print(f"---------- num_steps={r}, sample {k + 1} ----------")
-        text = decode(out[k].tolist())
-        if chat:  # the answer ends at the turn's end
-            text = text[:text.find("<|end_turn|>", len(decode(ids))) % (len(text) + 1)]
-        print(text)
+        print(end_of_turn(decode(out[k].tolist()), start=len(decode(ids))))
 print(f"{'num_steps':>9} {'tokens/s':>9} {'mean iters':>10} {'max iters':>9} {'KV cache':>10}")
 for r, n_tokens, elapsed, mean_steps, max_steps, cache in stats:
     print(f"{r:>9} {n_tokens / elapsed:>9.1f} {mean_steps:>10.2f} {max_steps:>9} {cache / 2**20:>8.2f}MB")
