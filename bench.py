@@ -63,7 +63,7 @@ device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda"
 dtype = "auto"               # "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16", "float32"
 compile = False              # torch.compile each block in the train and memory sections
 seed = 1337
-config = configure(globals())
+config, _ = configure(globals())
 
 SECTIONS = ("train", "memory", "decode", "cache")
 chosen = SECTIONS if sections == "all" else sections.split(",")

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import pickle
 import sys
 
 import torch
@@ -33,10 +34,12 @@ def die(message, code=2):
 
 def configure(namespace, argv=None):
     """Override a script's settings in namespace (its globals(): every lowercase name whose value is a bool,
-    int, float, str or None) by the config files and --key=value flags in argv. Returns the settings."""
+    int, float, str or None) by the config files and --key=value flags in argv. Returns the settings and the
+    set of keys the user gave (in a config file or a flag), whatever their values: those are what a resumed or
+    fine-tuned run takes from the user rather than from its checkpoint."""
     defaults = {k: v for k, v in namespace.items()
                 if k.islower() and not k.startswith("_") and (v is None or isinstance(v, (int, float, str)))}
-    config = dict(defaults)
+    config, given = dict(defaults), set()
     for arg in sys.argv[1:] if argv is None else argv:
         if arg in ("-h", "--help"):
             print((namespace.get("__doc__") or "").strip() + "\n\nsettings (defaults):")
@@ -52,6 +55,7 @@ def configure(namespace, argv=None):
                     die(f"{arg}: give a value, --{key}=...")
                 text = "True"  # a bare --flag switches a bool setting on
             config[key] = _convert(key, text, defaults[key], f"--{key}")
+            given.add(key)
         else:
             if not os.path.isfile(arg):
                 die(f"config file not found: {arg}")
@@ -67,8 +71,9 @@ def configure(namespace, argv=None):
                 if key not in defaults:
                     die(f"{arg}: unknown setting {key!r} (see --help for the settings)")
                 config[key] = _convert(key, value, defaults[key], arg)
+                given.add(key)
     namespace.update(config)
-    return config
+    return config, given
 
 
 def _convert(key, value, default, source):
@@ -220,23 +225,44 @@ def atomic_write(path, data):
         os.close(fd)
 
 
+CHECKPOINT_FORMAT = 1  # raised when a checkpoint's contents change in a way older code cannot read
+
+
 def save_checkpoint(payload, path):
-    atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(dict(payload, format=CHECKPOINT_FORMAT), f))
 
 
 def read_checkpoint(path):
     """A checkpoint written by train.py, read as plain data: weights_only=True means nothing in the file
     can run code. Its tensors are mapped from the file (mmap): processes reading one checkpoint share its pages
     (not on Windows, which cannot replace a mapped file, as the next save does). Raises ValueError with one
-    line for a missing, corrupt or foreign file."""
+    line that says why a file cannot be read: missing, unreadable, not a checkpoint, truncated, holding code,
+    or from a newer format."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at one")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise ValueError(f"{path} is not a checkpoint: torch.save writes a zip archive, and this file is none")
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=os.name != "nt")
+    except pickle.UnpicklingError as e:  # weights_only refused an object that is not plain data
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line][:1]
+        raise ValueError(f"{path} holds objects other than tensors and plain data ({''.join(found) or 'pickled'}), "
+                         "refused unread: loading them could run code") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): corrupt or truncated") from None
+        raise ValueError(f"{path} is truncated or damaged ({str(e).split('. ')[0]}): a copy or a disk cut it "
+                         "short; use another checkpoint or train again") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a train.py checkpoint (no model or model_args)")
+    if checkpoint.get("format", 1) > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {checkpoint['format']}, newer than this code reads "
+                         f"({CHECKPOINT_FORMAT}): update the code (git pull)")
     return checkpoint
 
 

@@ -11,6 +11,7 @@ A game's answer is the cup under which the ball ends: the model's prediction at 
 gives what generate() gives at that depth (a test checks it). Writes out_dir/eval.json and, with matplotlib installed, out_dir/eval.png.
 """
 
+import itertools
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from common import WriteError, atomic_write, check_settings, configure, die, int_list, load_model, setup_device
 from model import check_sampling
-from prepare_data import shell_game
+from prepare_data import FIRST_CUP, FIRST_SWAP, PAD, START, SWAPS, play
 
 # ---- settings: defaults, overridden by config files and --key=value ----
 out_dir = "out-demo"
@@ -35,7 +36,7 @@ test_examples = 1000
 data_dir = "data"
 device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", "mps"
 seed = 1337
-config = configure(globals())
+config, _ = configure(globals())
 
 
 def load(path):
@@ -51,13 +52,38 @@ def load(path):
     return model, checkpoint["meta"]
 
 
+def trained_games(meta):
+    """The rows of the train and val splits, as bytes: the games a model saw in training."""
+    rows = [np.fromfile(os.path.join(data_dir, meta["name"], f"{split}.bin"), dtype=np.uint16).reshape(-1, meta["row_len"])
+            for split in ("train", "val")]
+    return {row.tobytes() for split in rows for row in split}
+
+
+def fresh_games(rng, n, trained, row_len):
+    """Up to test_examples distinct games of n swaps that training never showed, as prepare_data's test sets are.
+    Short games have few variants (100 of 2 swaps, most of them trained on): those are listed whole and drawn from."""
+    def unseen(moves):
+        tokens = [START] + [FIRST_SWAP + m for m in moves]
+        return n + 1 > row_len or np.array(tokens + [PAD] * (row_len - n - 1), np.uint16).tobytes() not in trained
+    if len(SWAPS) ** n <= 100_000:
+        pool = [moves for moves in itertools.product(range(len(SWAPS)), repeat=n) if unseen(moves)]
+        picks = [pool[i] for i in rng.permutation(len(pool))[:test_examples]]
+    else:
+        picks = {}
+        while len(picks) < test_examples:
+            moves = tuple(int(m) for m in rng.integers(0, len(SWAPS), size=n))
+            if unseen(moves):
+                picks.setdefault(moves)
+        picks = list(picks)
+    prompts = torch.tensor([[START] + [FIRST_SWAP + m for m in moves] for moves in picks])
+    return prompts, torch.tensor([FIRST_CUP + play(moves)[-1] - 1 for moves in picks])
+
+
 def test_sets(meta):
     """{difficulty: (prompts (N, n + 1), answers (N,))}: the data set's test files, or games drawn with test_seed."""
     if test_seed:
-        rng = np.random.default_rng(test_seed)
-        games = {n: [shell_game(rng, n) for _ in range(test_examples)] for n in meta["test_swaps"]}
-        return {n: (torch.tensor(np.array([x for x, _ in g])), torch.tensor([y[-1] for _, y in g]))
-                for n, g in games.items()}
+        rng, trained = np.random.default_rng(test_seed), trained_games(meta)
+        return {n: fresh_games(rng, n, trained, meta["row_len"]) for n in meta["test_swaps"]}
     sets = {}
     for n in meta["test_swaps"]:
         paths = [os.path.join(data_dir, meta["name"], f"test_{n}{s}.bin") for s in ("", "_targets")]

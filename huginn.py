@@ -41,6 +41,7 @@ out_dir = "out"              # the train.py checkpoint to export (out_dir/ckpt.p
 export_dir = ""              # where the release's layout is written
 dtype = "float32"            # of the stored weights: "float32" (as trained) or "bfloat16" (as released)
 shard_mib = 4096             # the largest safetensors shard
+huginn_dir = ""              # the release whose tokenizer and code files go with the export; "" = the one fine-tuned from
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -98,7 +99,8 @@ def load_huginn(cls, path, device=None, dtype=None):
     stored)."""
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: download the release there (see README)")
+        raise FileNotFoundError(f"{path / 'config.json'} not found: download the release there (see README), or "
+                                "point --huginn_dir at your copy")
     config = huginn_config(json.loads((path / "config.json").read_text()))
     try:
         from safetensors import safe_open
@@ -235,14 +237,18 @@ def save_huginn(model, path, source_dir=None, dtype=None, shard_bytes=4 << 30):
 
 
 if __name__ == "__main__":
-    config = configure(globals())
+    config, _ = configure(globals())
     if not export_dir:
         die("give --export_dir=DIR, where the release's layout is written")
     check_settings(config, [("dtype", dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'")])
     print(f"huginn: {json.dumps(config)}")
     try:
         model, checkpoint = load_model(out_dir, "cpu")
-        source = checkpoint.get("config", {}).get("huginn_dir") or None  # set when it was fine-tuned from the release
+        # set in the checkpoint when it was fine-tuned from the release
+        source = huginn_dir or checkpoint.get("config", {}).get("huginn_dir") or None
+        if source and not os.path.isdir(source):
+            die(f"{source}, the release this run was fine-tuned from, is not there (moved?): point --huginn_dir at "
+                "your copy of it", code=1)
         save_huginn(model, export_dir, source, getattr(torch, dtype), shard_mib << 20)
     except (ValueError, ImportError, WriteError) as e:
         die(str(e), code=1)

@@ -241,7 +241,7 @@ def prepare_text(out):
 
 
 if __name__ == "__main__":
-    config = configure(globals())
+    config, _ = configure(globals())
     if input:
         dataset = config["dataset"] = "text"
     check_settings(config, [

@@ -14,6 +14,7 @@ answer after the prompt is the cup that holds the ball; it is printed greedily w
 
 import json
 import math
+import os
 import sys
 import time
 
@@ -44,7 +45,7 @@ trace_positions = 4          # with --trace: the last positions shown
 seed = 1337
 device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"               # "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16", "float32"
-config = configure(globals())
+config, _ = configure(globals())
 
 
 def load():
@@ -57,7 +58,11 @@ def load():
             meta = checkpoint["meta"]
         if init_from == "huginn" or meta["tokenizer"] == "huginn":  # the release, or a model trained on its tokens
             from huginn import load_huginn_tokenizer
-            enc = load_huginn_tokenizer(meta.get("huginn_dir", huginn_dir))
+            source = huginn_dir or meta.get("huginn_dir")  # the flag, else the release the data set was made with
+            if not os.path.isdir(source or ""):
+                die(f"the release's tokenizer is not at {source!r}: point --huginn_dir at your copy of the release",
+                    code=1)
+            enc = load_huginn_tokenizer(source)
             return model, dict(meta, tokenizer="huginn"), lambda s: enc.encode(s, allowed_special="all"), enc.decode
     except (ValueError, OSError, ImportError) as e:
         die(str(e).splitlines()[0], code=1)

@@ -4,14 +4,16 @@ Train a recurrent-depth model. The same loop runs on a laptop CPU, one GPU, or m
     python prepare_data.py && python train.py config/demo.py           # CPU, the shell game
     python train.py config/demo.py --batch_size=32 --max_iters=2000    # settings from the command line
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py
-    python train.py config/demo.py --init_from=resume                  # continue where it stopped
+    python train.py --out_dir=out-demo --init_from=resume              # continue with the run's own settings
     python train.py config/finetune_huginn.py --huginn_dir=huginn-0125 --dataset=notes_huginn   # fine-tune the release
     torchrun --standalone --nproc_per_node=8 train.py config/finetune_huginn.py --fsdp ...      # sharded (FSDP2)
 
 Every step draws one depth r from the paper's sampler (the same on every rank, from a generator seeded
 by the step) and backpropagates through the last min(r, backprop_depth) iterations. All the randomness
 of step i (batches, depth, initial states) is seeded from (seed, i, rank), so a resumed run repeats
-exactly what the uninterrupted run would have done. --dry_run prints the memory a step needs per GPU
+exactly what the uninterrupted run would have done; it takes every setting from its checkpoint but those given
+again (and the machine's: device, dtype, compile, fsdp, activation_checkpointing). Ctrl-C or SIGTERM saves at
+once, without waiting for an evaluation. --dry_run prints the memory a step needs per GPU
 (one process or DDP, and FSDP on 8 GPUs) and stops.
 """
 
@@ -21,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 
 import numpy as np
@@ -51,7 +53,7 @@ block_size = 256             # context length (for a rows data set: at least the
 gradient_accumulation_steps = 1  # in total over all ranks (as nanoGPT)
 # model: the fields of model.ModelConfig, with its defaults (vocab_size comes from the data set's meta.json). Resuming
 # or fine-tuning takes the shape from the checkpoint or the release; mean_recurrence, backprop_depth and state_init
-# set here still apply.
+# given here (in a config file or a flag) apply.
 n_embd = 256
 n_head = 4
 intermediate_size = 704
@@ -85,12 +87,23 @@ activation_checkpointing = False  # recompute each iteration with gradients in t
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW states over the ranks (FSDP2)
 dry_run = False              # print the memory a step needs per GPU, then stop
 seed = 1337
-config = configure(globals())
+config, given = configure(globals())
 
 MODEL_FIELDS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]
 SHAPE = ("n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias", "rope_base", "norm_eps",
          "pos_encoding")
-given = {f.name for f in fields(ModelConfig) if f.name in MODEL_FIELDS and config[f.name] != f.default}
+# settings of this invocation and machine: everything else a resumed run takes from its checkpoint unless given
+SESSION = ("init_from", "out_dir", "device", "dtype", "compile", "activation_checkpointing", "fsdp", "dry_run")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = None
+if init_from == "resume":
+    try:
+        checkpoint = read_checkpoint(ckpt_path)
+    except ValueError as e:
+        die(str(e), code=1)
+    resumed = {k: v for k, v in checkpoint.get("config", {}).items() if k in config and k not in given and k not in SESSION}
+    config.update(resumed)
+    globals().update(resumed)
 check_settings(config, [
     ("batch_size", batch_size >= 1, ">= 1"), ("block_size", block_size >= 1, ">= 1"),
     ("gradient_accumulation_steps", gradient_accumulation_steps >= 1, ">= 1"), ("max_iters", max_iters >= 1, ">= 1"),
@@ -105,6 +118,10 @@ model_config({k: config[k] for k in MODEL_FIELDS})
 eval_depths = int_list("eval_depths", eval_depths) if eval_depths else []
 if init_from == "huginn" and not huginn_dir:
     die("--init_from=huginn needs --huginn_dir=PATH, a local copy of the release (see the README)")
+if init_from == "huginn":  # saved absolute: the export and a resumed run find it from any directory
+    if not os.path.isdir(huginn_dir):
+        die(f"--huginn_dir={huginn_dir} is not a directory: point --huginn_dir at your local copy of the release")
+    huginn_dir = config["huginn_dir"] = os.path.abspath(huginn_dir)
 if fsdp and "RANK" not in os.environ and not dry_run:
     die("--fsdp shards the model over processes: start train.py with torchrun (see the README)")
 device, device_type = setup_device(device)
@@ -187,8 +204,6 @@ if init_from == "huginn" and meta["tokenizer"] != "huginn":
         "--tokenizer=huginn --huginn_dir=... on your text", code=1)
 
 # ---- model, optimizer, checkpoint ----
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-
 
 def shaped_like(source, where):
     """model_args of a resumed or released model: its shape (a setting given here that contradicts it stops
@@ -197,24 +212,20 @@ def shaped_like(source, where):
         if key in given and config[key] != source[key]:
             die(f"{key} is {config[key]!r} but {where} has {source[key]!r}: drop the setting, or use another out_dir",
                 code=1)
-    choices = {k: config[k] for k in ("mean_recurrence", "backprop_depth") if k in given}
-    return source | choices | dict(state_init=state_init)
+    return source | {k: config[k] for k in ("mean_recurrence", "backprop_depth", "state_init") if k in given}
 
 
-checkpoint = None
 if init_from == "resume":
-    try:
-        checkpoint = read_checkpoint(ckpt_path)
-    except ValueError as e:
-        die(str(e), code=1)
     model_args = shaped_like(checkpoint["model_args"], f"the checkpoint in {out_dir}")
 elif init_from == "huginn":
     from huginn import huginn_config, load_huginn
     try:
         with open(os.path.join(huginn_dir, "config.json")) as f:
-            model_args = shaped_like(vars(huginn_config(json.load(f))), f"{huginn_dir}/config.json")
+            release = vars(huginn_config(json.load(f)))
     except (OSError, ValueError) as e:
         die(f"{huginn_dir}: {e}", code=1)
+    # fine-tuned as the release was trained: from random initial states unless state_init is given
+    model_args = shaped_like(release | dict(state_init=state_init), f"{huginn_dir}/config.json")
 else:
     model_args = {k: config[k] for k in MODEL_FIELDS} | dict(vocab_size=meta["vocab_size"])
 mean_recurrence = model_args["mean_recurrence"]  # the model's: the release's when fine-tuning it, unless given
@@ -345,10 +356,11 @@ def get_lr(i):
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(iter_num):
     """Mean loss over eval_iters fixed batches: train at mean_recurrence, val at each eval depth (every rank
     runs the same batches: FSDP needs them all). Its random draws are forked off, so evaluating never changes
-    what training does next."""
+    what training does next. None when a stop was requested meanwhile (on any rank): the save must not wait."""
+    global stop_requested
     raw_model.eval()
     out = {}
     with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
@@ -358,8 +370,14 @@ def evaluate():
                 torch.manual_seed(seed)
                 losses = []
                 for _ in range(eval_iters):
+                    if agree(stop_requested):
+                        stop_requested = True
+                        raw_model.train()
+                        return None
                     x, y = get_batch(split, g)
-                    with autocast:
+                    with autocast, on_out_of_memory(f"in the evaluation at iter {iter_num} ({split} loss at depth {r}, "
+                                                    f"batch_size {batch_size} x block_size {block_size})",
+                                                    "lower batch_size or block_size, or give fewer --eval_depths"):
                         losses.append(raw_model(x, y, num_steps=r)[1].item())
                 out[(split, r)] = sum(losses) / len(losses)
     raw_model.train()
@@ -389,13 +407,21 @@ def log(line):
         sys.stdout.flush()
 
 
-def out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)  # CUDA's, the CPU allocator's
+@contextmanager
+def on_out_of_memory(what, fix):
+    """Running out of memory inside stops the run with one line: what ran, and the settings that lower memory."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA's) is one, and so is the CPU allocator's error
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        die(f"out of memory {what}: {fix}", code=1)
 
 
 def report(losses, iter_num):
-    log(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
-        + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"))
+    if losses is not None:  # None: the evaluation stopped for a save
+        log(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
+            + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"))
 
 
 log(f"train: {json.dumps(config)}")
@@ -407,7 +433,7 @@ if master:
 if iter_num >= max_iters:
     log(f"nothing to do: the checkpoint is at iter {iter_num} and max_iters is {max_iters}; raise --max_iters")
 elif iter_num == 0:
-    report(evaluate(), 0)  # the loss before any training, as nanoGPT shows it (a fine-tune starts from here)
+    report(evaluate(0), 0)  # the loss before any training, as nanoGPT shows it (a fine-tune starts from here)
 depth_history = []
 t0, t0_iter = time.time(), iter_num
 while iter_num < max_iters and not stop_requested:
@@ -422,7 +448,11 @@ while iter_num < max_iters and not stop_requested:
         n_no_grad, n_grad = raw_model.split_num_steps(mean_recurrence)
     depth_history.append(n_no_grad + n_grad)
     loss_sum = torch.zeros((), device=device)
-    try:
+    # forward, backward and AdamW's step (the first allocates its moments) may each run out of memory
+    step_memory = lambda: on_out_of_memory(f"at iter {iter_num + 1} (depth {n_no_grad + n_grad}, {n_grad} with gradients, "
+                                           f"batch_size {batch_size} x block_size {block_size})", "lower "
+                                           "batch_size, backprop_depth or block_size, or pass --activation_checkpointing")
+    with step_memory():
         for micro in range(gradient_accumulation_steps):
             x, y = get_batch("train", batches)
             last = micro == gradient_accumulation_steps - 1  # gradients are reduced over the ranks at the last one
@@ -433,12 +463,6 @@ while iter_num < max_iters and not stop_requested:
                     _, loss = model(x, y, num_steps=(n_no_grad, n_grad))
                 (loss / gradient_accumulation_steps).backward()
             loss_sum += loss.detach().float()
-    except RuntimeError as e:
-        if not out_of_memory(e):
-            raise
-        die(f"out of memory at iter {iter_num + 1} (depth {n_no_grad + n_grad}, {n_grad} with gradients, batch_size "
-            f"{batch_size} x block_size {block_size}): lower batch_size, backprop_depth or block_size, or pass "
-            "--activation_checkpointing", code=1)
     # one small all-reduce: the mean loss over the ranks, and whether any rank was asked to stop
     flags = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(stop_requested), device=device)])
     if distributed:
@@ -453,7 +477,8 @@ while iter_num < max_iters and not stop_requested:
                           "or pass --nonfinite=skip to skip such steps")
         log(f"{message}: skipping the step")
     else:
-        optimizer.step()
+        with step_memory():
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     progress.update()
@@ -465,7 +490,8 @@ while iter_num < max_iters and not stop_requested:
             f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s")
         t0, t0_iter = time.time(), iter_num
     if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
-        report(evaluate(), iter_num)
+        if not stop_requested:  # a stop saves at once: a scheduler's grace period may be shorter than an evaluation
+            report(evaluate(iter_num), iter_num)
         save(iter_num)
         if distributed:  # the ranks must agree on every depth drawn, and under DDP on the weights
             weights = None if fsdp else sum(p.detach().double().sum().item() for p in raw_model.parameters())
@@ -478,7 +504,8 @@ while iter_num < max_iters and not stop_requested:
         t0, t0_iter = time.time(), iter_num
 progress.close()
 if stop_requested:
-    log(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
+    log(f"interrupted at iter {iter_num}: " + (f"saved {ckpt_path}; continue with --init_from=resume" if saved_iter
+                                               else "stopped before the first step, nothing to save"))
 exit_code = 130 if stop_requested else 0  # 130: the shell's code for a run stopped by Ctrl-C
 if distributed:
     dist.barrier()

@@ -230,3 +230,42 @@ def test_fsdp_matches_ddp_and_resumes_after_a_kill(shellgame_dir):
     assert all(torch.allclose(a[k], c[k], rtol=0, atol=1e-6) for k in a)
     model, _ = load_model(str(shellgame_dir / "fsdp"), "cpu")  # one process, no torchrun
     assert torch.equal(model.wte.weight, a["wte.weight"])
+
+
+@needs_safetensors
+def test_finetune_applies_settings_given_at_their_default_values(release):
+    """config/finetune_huginn.py with --backprop_depth=4 --mean_recurrence=8 (ModelConfig's defaults, and not the
+    release's 2 and 4) trains and saves with 4 and 8."""
+    root, src = release
+    args = [a for a in FINETUNE if not a.startswith(("--mean_recurrence", "--backprop_depth"))]
+    run = run_script("train.py", ROOT / "config/finetune_huginn.py", *args, f"--huginn_dir={src}", "--max_iters=1",
+                     "--eval_iters=1", "--backprop_depth=4", "--mean_recurrence=8", "--out_dir=given", cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model_args = torch.load(root / "given/ckpt.pt", weights_only=True)["model_args"]
+    assert (model_args["backprop_depth"], model_args["mean_recurrence"]) == (4, 8)
+
+
+@needs_safetensors
+def test_a_release_given_relative_or_moved_is_found_or_named(release, tmp_path):
+    """Fine-tuned with a relative --huginn_dir, the run exports from another directory; once the release has moved,
+    the export and sample.py name the path and --huginn_dir in one line, and the flag finds it."""
+    root, src = release
+    run = run_script("train.py", *FINETUNE, f"--huginn_dir={src.name}", "--max_iters=1", "--eval_iters=1",
+                     "--out_dir=rel", cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = run_script("huginn.py", f"--out_dir={root / 'rel'}", "--export_dir=exported", cwd=elsewhere)
+    assert run.returncode == 0 and (elsewhere / "exported/tokenizer.json").exists(), run.stderr
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    try:
+        for script, args in (("huginn.py", ["--export_dir=again"]), ("sample.py", ["--start=Hello", "--num_steps=1"])):
+            run = run_script(script, f"--out_dir={root / 'rel'}", *args, cwd=elsewhere)
+            err = run.stderr.strip()
+            assert run.returncode == 1 and len(err.splitlines()) == 1 and str(src) in err and "--huginn_dir" in err, err
+            run = run_script(script, f"--out_dir={root / 'rel'}", *args, f"--huginn_dir={moved}", "--max_new_tokens=2"
+                             if script == "sample.py" else "--dtype=float32", cwd=elsewhere)
+            assert run.returncode == 0, run.stderr[-2000:]
+    finally:
+        moved.rename(src)

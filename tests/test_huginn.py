@@ -97,7 +97,7 @@ def test_round_trip_every_tensor_mapped_and_logits_equal(tmp_path):
 
 
 def test_config_mapping_hand_checked():
-    """The release's config.json (values of SPEC.md) maps onto ModelConfig: both spellings of the head count,
+    """The released Huginn-0125's config.json maps onto ModelConfig: both spellings of the head count,
     rope_base 50000 when missing, zero initial state; its shapes make the 3.5B model."""
     release = dict(n_embd=5280, n_heads=55, n_layers_in_prelude=2, n_layers_in_recurrent_block=4,
                    n_layers_in_coda=2, intermediate_size=17920, vocab_size=65536, padded_vocab_size=65536,
