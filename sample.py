@@ -1,5 +1,5 @@
 """
-Sample from a trained model at the depth you choose, or at several depths side by side.
+Sample from a trained model at the depth you choose, or at several depths, one after another.
 
     python sample.py --out_dir=out-demo --start=">abcdefgh" --num_steps=1,2,4,8,32
     python sample.py --out_dir=out-shakespeare-char --num_steps=4,32 --exit_threshold=1e-3
@@ -114,12 +114,12 @@ def print_trace(model, idx, num_steps, decode, answers=None):
     for t in range(max(0, T - trace_positions), T):
         truth = f", true cup {answers[t]}" if answers and answers[t] else ""
         print(f"position {t} (token {decode([idx[0, t].item()])!r}{truth})")
-        print(f"  {'iter':>4}  {'top predictions':<36} {'KL to final':>11} {'latent moved':>12}")
+        print(f"  {'iter':>4}  {'top predictions':<36} {'KL-to-final':>11}  {'latent-change':>13}")
         for i in range(num_steps):
             p, ids = logp[i, t].exp().topk(3)
             tops = "  ".join(f"{decode([j.item()])!r} {q:.2f}" for q, j in zip(p, ids))
-            move = f"{moved[i - 1, t]:>12.4f}" if i else f"{'':>12}"
-            print(f"  {i + 1:>4}  {tops:<36} {kl_final[i, t]:>11.4f} {move}")
+            move = f"{moved[i - 1, t]:>13.4f}" if i else ""
+            print(f"  {i + 1:>4}  {tops:<36} {kl_final[i, t]:>11.4f}  {move}".rstrip())
     if trace_plot:
         try:
             import matplotlib
