@@ -170,10 +170,13 @@ def test_dry_run_prints_the_memory_of_a_step(release, capsys):
 
 # ---- FSDP, two gloo processes on CPU ----
 
-def torchrun(cwd, out_dir, *args, popen=False):
+SCRATCH = [*TINY_TRAIN, "--pos_encoding=rope", "--mean_recurrence=5"]
+
+
+def torchrun(cwd, out_dir, *args, popen=False, settings=SCRATCH):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *map(str, TINY_TRAIN), "--max_iters=8", "--eval_interval=2", "--gradient_accumulation_steps=2",
-           "--log_interval=1", "--pos_encoding=rope", "--mean_recurrence=5", f"--out_dir={out_dir}", *args]
+           *map(str, settings), "--max_iters=8", "--eval_interval=2", "--gradient_accumulation_steps=2",
+           "--log_interval=1", f"--out_dir={out_dir}", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -230,3 +233,41 @@ def test_fsdp_matches_ddp_and_resumes_after_a_kill(shellgame_dir):
     assert all(torch.allclose(a[k], c[k], rtol=0, atol=1e-6) for k in a)
     model, _ = load_model(str(shellgame_dir / "fsdp"), "cpu")  # one process, no torchrun
     assert torch.equal(model.wte.weight, a["wte.weight"])
+
+
+@needs_safetensors
+@pytest.mark.skipif(sys.platform != "linux", reason="train.py measures host memory in /proc")
+def test_fsdp_loads_the_release_once_per_node(release, tmp_path):
+    """torchrun, two gloo processes fine-tuning a release stored in bfloat16 (150 MiB in float32): under --fsdp rank 0
+    alone reads it and every rank keeps its float32 shards, so loading raises rank 1's peak host memory by about
+    half the model, and the node's by the stored copy and the shards, where under DDP each rank's rises by the whole
+    model (as it did under FSDP too, each rank building the model before sharding it). The shards hold the release's
+    weights exactly, tied head included; from the tiny release, an FSDP fine-tune ends with the weights of DDP."""
+    root, src = release
+    vocab_size = json.loads((root / "data/notes_huginn/meta.json").read_text())["vocab_size"]
+    export(build(vocab_size=vocab_size, block_size=64, n_embd=768, n_head=12, intermediate_size=3072), tmp_path / "big",
+           dtype=torch.bfloat16)
+    released = RecurrentGPT.from_huginn(tmp_path / "big", dtype=torch.float32)
+    whole = 4 * released.get_num_params()
+    one_step = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--eval_depths=1",
+                "--learning_rate=1e-30", "--min_lr=0"]  # a step far too small to change a float32 weight
+    rises = {}
+    for mode in ("fsdp", "ddp"):
+        out = torchrun(root, tmp_path / mode, *FINETUNE, f"--huginn_dir={tmp_path / 'big'}", *one_step,
+                       *["--fsdp"] * (mode == "fsdp"), settings=[])
+        line = next(line for line in out.splitlines() if line.startswith("loading: peak host memory per rank"))
+        rises[mode] = [float(v.replace(",", "")) * 2 ** 20 for v in re.findall(r"\(\+([0-9,]+)\)", line)]
+        saved = weights(tmp_path / mode / "ckpt.pt")
+        assert saved.keys() == released.state_dict().keys()
+        assert all(torch.equal(saved[k], v) for k, v in released.state_dict().items()), mode
+    other = rises["ddp"][1] - whole  # what loading adds besides the weights (modules imported on first use)
+    assert rises["ddp"][0] > 0.9 * whole + other - 8 * 2 ** 20  # the measure sees a whole model per rank
+    assert rises["fsdp"][1] - other < 0.7 * whole, (rises, whole)  # its shard and a tensor in flight
+    assert sum(rises["fsdp"]) - 2 * other < 1.7 * whole, (rises, whole)  # the stored copy (half) and the shards
+    for mode in ("fsdp", "ddp"):
+        torchrun(root, tmp_path / f"tiny-{mode}", *FINETUNE, f"--huginn_dir={src}", *["--fsdp"] * (mode == "fsdp"),
+                 settings=[])
+    a, b = weights(tmp_path / "tiny-fsdp/ckpt.pt"), weights(tmp_path / "tiny-ddp/ckpt.pt")
+    assert not torch.equal(a["wte.weight"], RecurrentGPT.from_huginn(src).wte.weight)  # it trained
+    assert torch.equal(a["lm_head.weight"], a["wte.weight"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
