@@ -256,9 +256,9 @@ if dry_run:  # the memory of a step, from the model's shape alone (on the meta d
     else:
         sharded = (mapped, mapped, mapped) if init_from == "resume" else (whole, whole, 8 * whole)
     rows = (("one process or DDP", (whole + mapped, whole + mapped, 8 * whole + mapped)), ("FSDP", sharded))
-    print(f"host memory of loading in {unit}, rank 0 / each other rank / a node of 8 (on a CPU each FSDP rank also "
-          "holds its shards): " + "; ".join(name + " " + " / ".join(f"{v / scale:.2f}" for v in values)
-                                            for name, values in rows))
+    print(f"host memory of loading in {unit}, rank 0 / any other / a node of 8: " + "; ".join(
+        name + " " + " / ".join(f"{v / scale:.2f}" for v in values) for name, values in rows)
+        + " (on a CPU, plus each rank's shards)")
     sys.exit(0)
 
 
@@ -445,9 +445,9 @@ log(f"model: {raw_model.get_num_params():,} parameters, {json.dumps(model_args)}
 log(f"data: {data_dir} ({meta['layout']}, vocab {meta['vocab_size']}); device {device}, dtype {dtype}"
     + (f", {world_size} processes" + (" (FSDP)" if fsdp else " (DDP)") if distributed else ""))
 if None not in loading_memory[0]:  # Linux
-    log("loading: peak host memory per rank " + ", ".join(f"{peak / 2 ** 20:,.0f} MiB (+{(peak - start) / 2 ** 20:,.0f})"
-                                                           for peak, start in loading_memory)
-        + f"; +{sum(peak - start for peak, start in loading_memory) / 2 ** 20:,.0f} MiB in all")
+    peaks, rises = zip(*((peak >> 20, (peak - start) >> 20) for peak, start in loading_memory))
+    log(f"loading: peak host memory{' by rank' * distributed} {', '.join(map(str, peaks))} MiB; it rose by "
+        f"{', '.join(map(str, rises))} MiB while loading" + f" ({sum(rises)} in all)" * distributed)
 if master:
     os.makedirs(out_dir, exist_ok=True)
 if iter_num >= max_iters:
