@@ -263,12 +263,19 @@ if dry_run:  # the memory of a step, from the model's shape alone (on the meta d
 
 
 def load_release(dtype):
-    """The release in huginn_dir as a RecurrentGPT on the CPU, with the training choices given here."""
-    try:
-        model = load_huginn(RecurrentGPT, huginn_dir, dtype=dtype)
-    except (OSError, ValueError, ImportError) as e:
-        die(str(e).splitlines()[0], code=1)
-    model.config = ModelConfig(**model_args)
+    """The release in huginn_dir as a RecurrentGPT on the CPU, with the training choices given here. Under FSDP rank 0
+    alone reads it (the others get None); when it cannot, every rank stops with its line."""
+    model, error = None, [None]
+    if master or not fsdp:
+        try:
+            model = load_huginn(RecurrentGPT, huginn_dir, dtype=dtype)
+            model.config = ModelConfig(**model_args)
+        except (OSError, ValueError, ImportError) as e:
+            error = [str(e).splitlines()[0]]
+    if fsdp:
+        dist.broadcast_object_list(error)
+    if error[0]:
+        die(error[0], code=1)
     return model
 
 
@@ -282,7 +289,7 @@ on_meta = fsdp and init_from != "scratch"
 if init_from == "huginn" and not fsdp:
     model = load_release(torch.float32)
 else:
-    released = load_release(None).state_dict() if init_from == "huginn" and master else {}
+    released = load_release(None) if init_from == "huginn" else None  # under FSDP: rank 0's, as stored
     with torch.device("meta") if on_meta else nullcontext():
         model = RecurrentGPT(ModelConfig(**model_args))
 if not on_meta:
@@ -301,7 +308,8 @@ if fsdp:  # each block its own shard group, then the rest (embedding, adapter, l
     if on_meta:
         model.to_empty(device=device)  # memory for this rank's shards alone (a resumed run fills them below)
     if init_from == "huginn":  # rank 0 sends each tensor, every rank keeps its shard of it in float32
-        set_model_state_dict(model, released, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(model, released.state_dict() if master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         released = None
 # the computed RoPE table, not the release's stored one (a resumed run recomputes it); to_empty left it unset
 model.rope_table = precompute_rope(model_args["n_embd"] // model_args["n_head"], model_args["block_size"],
@@ -319,10 +327,9 @@ if checkpoint is not None:  # PyTorch's state-dict helpers: the same full checkp
         die(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]})", code=1)
     iter_num = saved_iter = checkpoint["iter_num"]
     checkpoint = None  # free the memory
-loading_memory = [(resident_memory(peak=True), before_loading)]  # this rank's; gathered to rank 0 under torchrun
+loading_memory = [(resident_memory(peak=True), before_loading)] * world_size  # this rank's, then every rank's
 if distributed:
-    loading_memory = [None] * world_size
-    dist.all_gather_object(loading_memory, (resident_memory(peak=True), before_loading))
+    dist.all_gather_object(loading_memory, loading_memory[0])
 raw_model = model
 if distributed and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)

@@ -273,6 +273,11 @@ def test_fsdp_loads_the_release_once_per_node(release, tmp_path):
     for mode in ("fsdp", "ddp"):
         torchrun(root, tmp_path / f"tiny-{mode}", *FINETUNE, f"--huginn_dir={src}", "--eval_interval=8",
                  *["--fsdp"] * (mode == "fsdp"), settings=[])
+    broken = tmp_path / "big"
+    (broken / "model-00002-of-00002.safetensors").unlink()  # rank 0 cannot read it: every rank stops with its line
+    _, err = torchrun(root, tmp_path / "never", *FINETUNE, f"--huginn_dir={broken}", "--fsdp", settings=[],
+                      popen=True).communicate(timeout=300)
+    assert err.count("error: shard model-00002-of-00002.safetensors") == 2 and "[rank" not in err, err[-3000:]
     a, b = weights(tmp_path / "tiny-fsdp/ckpt.pt"), weights(tmp_path / "tiny-ddp/ckpt.pt")
     assert not torch.equal(a["wte.weight"], RecurrentGPT.from_huginn(src).wte.weight)  # it trained
     assert torch.equal(a["lm_head.weight"], a["wte.weight"])
