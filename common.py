@@ -181,8 +181,8 @@ def resident_memory(peak=False):
 def restart_peak_memory():
     """Linux: the peak resident memory starts again from the present one (elsewhere nothing happens)."""
     with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        with open("/proc/self/clear_refs", "wb") as f:
+            f.write(b"5")
 
 
 # ---- files ----
