@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (WriteError, atomic_write, check_settings, configure, die, int_list, keep_freed_memory,
-                    model_config, pick_dtype, setup_device, training_memory)
+                    model_config, pick_dtype, resident_memory, restart_peak_memory, setup_device, training_memory)
 from model import CausalSelfAttention, GatedMLP, ModelConfig, RecurrentGPT, RMSNorm, precompute_rope
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -170,20 +170,18 @@ def peak_memory(num_steps, checkpointing=False, **overrides):
     model.activation_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device_type == "cuda")
     train_step(model.train(), opt, x, y, 1)
-    rss = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    elif os.path.exists("/proc/self/clear_refs"):
+    elif resident_memory() is not None:  # Linux
         ctypes.CDLL(None).malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the peak RSS starts again from the present RSS
-        before = rss("VmRSS:")
+        restart_peak_memory()
+        before = resident_memory()
     else:
         return None, None
     for _ in range(2):
         train_step(model, opt, x, y, num_steps)
-    peak = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else rss("VmHWM:")
+    peak = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else resident_memory(peak=True)
     return peak, peak - before
 
 

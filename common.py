@@ -173,6 +173,23 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def resident_memory(peak=False):
+    """This process's resident memory in bytes, or its peak (since it started, or since restart_peak_memory), from
+    Linux's /proc; None elsewhere. ru_maxrss would not do: after fork and exec it still counts the parent's pages."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:" if peak else "VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def restart_peak_memory():
+    """Linux: the peak resident memory starts again from the present one (elsewhere nothing happens)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "wb") as f:
+            f.write(b"5")
+
+
 # ---- files ----
 
 class WriteError(Exception):

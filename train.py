@@ -14,7 +14,7 @@ of step i (batches, depth, initial states) is seeded from (seed, i, rank), so a 
 exactly what the uninterrupted run would have done; it takes every setting from its checkpoint but those given
 again (and the machine's: device, dtype, compile, fsdp, activation_checkpointing). Ctrl-C or SIGTERM saves at
 once, without waiting for an evaluation. --dry_run prints the memory a step needs per GPU
-(one process or DDP, and FSDP on 8 GPUs) and stops.
+(one process or DDP, and FSDP on 8 GPUs) and the host memory of loading, and stops.
 """
 
 import json
@@ -29,12 +29,14 @@ from dataclasses import fields
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (WriteError, check_settings, configure, die, int_list, keep_freed_memory, model_config,
-                    pick_dtype, read_checkpoint, save_checkpoint, setup_device, training_memory)
+                    pick_dtype, read_checkpoint, resident_memory, restart_peak_memory, save_checkpoint, setup_device,
+                    training_memory)
 from model import ModelConfig, RecurrentGPT, precompute_rope
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -255,20 +257,55 @@ if dry_run:  # the memory of a step, from the model's shape alone (on the meta d
         acts = [p["activations"] / scale for p in plan]
         print(f"{name:<22}" + "".join(f"{v:>9.2f}" for v in states) + f"{acts[0]:>10.2f} / {acts[1]:<5.2f}"
               + f"{sum(states) + acts[0]:>10.2f} / {sum(states) + acts[1]:<5.2f}")
+    # host memory of loading: each process of one process or DDP holds the float32 model (and maps a checkpoint,
+    # whose pages the node's processes share); FSDP holds one copy on the node (see the model section below)
+    whole, mapped = plan[0]["weights"], os.path.getsize(ckpt_path) if init_from == "resume" else 0
+    if init_from == "huginn":  # rank 0 alone reads the release, as stored
+        stored = sum(os.path.getsize(os.path.join(huginn_dir, f)) for f in os.listdir(huginn_dir)
+                     if f.endswith(".safetensors"))
+        sharded = (stored, 0, stored)
+    else:
+        sharded = (mapped, mapped, mapped) if init_from == "resume" else (whole, whole, 8 * whole)
+    rows = (("one process or DDP", (whole + mapped, whole + mapped, 8 * whole + mapped)), ("FSDP", sharded))
+    print(f"host memory of loading in {unit}, rank 0 / any other / a node of 8: " + "; ".join(
+        name + " " + " / ".join(f"{v / scale:.2f}" for v in values) for name, values in rows)
+        + " (on a CPU, plus each rank's shards)")
     sys.exit(0)
+
+
+def load_release(dtype):
+    """The release in huginn_dir as a RecurrentGPT on the CPU, with the training choices given here. Under FSDP rank 0
+    alone reads it (the others get None); when it cannot, every rank stops with its line."""
+    model, error = None, [None]
+    if master or not fsdp:
+        try:
+            model = load_huginn(RecurrentGPT, huginn_dir, dtype=dtype)
+            model.config = ModelConfig(**model_args)
+        except (OSError, ValueError, ImportError) as e:
+            error = [str(e).splitlines()[0]]
+    if fsdp:
+        dist.broadcast_object_list(error)
+    if error[0]:
+        die(error[0], code=1)
+    return model
+
+
 torch.manual_seed(seed)  # the same initial weights on every run and rank
-if init_from == "huginn":
-    try:
-        model = load_huginn(RecurrentGPT, huginn_dir, dtype=torch.float32)
-    except (OSError, ValueError, ImportError) as e:
-        die(str(e).splitlines()[0], code=1)
-    model.config = ModelConfig(**model_args)
-    # the computed RoPE table, not a stored one: a resumed run recomputes it
-    model.rope_table = precompute_rope(model_args["n_embd"] // model_args["n_head"], model_args["block_size"],
-                                       model_args["rope_base"])
+restart_peak_memory()  # the host memory of loading is logged below
+before_loading = resident_memory()
+# FSDP with weights to load builds the model on the meta device (shapes, no memory), shards it, and fills each
+# rank's shards from one full copy on the node: the release as stored, read by rank 0 alone and sent tensor by
+# tensor, or the checkpoint's mapped pages. Otherwise each process holds the whole float32 model (DDP needs it).
+on_meta = fsdp and init_from != "scratch"
+if init_from == "huginn" and not fsdp:
+    model = load_release(torch.float32)
 else:
-    model = RecurrentGPT(ModelConfig(**model_args))
-model = model.to(device).train()
+    released = load_release(None) if init_from == "huginn" else None  # under FSDP: rank 0's, as stored
+    with torch.device("meta") if on_meta else nullcontext():
+        model = RecurrentGPT(ModelConfig(**model_args))
+if not on_meta:
+    model = model.to(device)
+model.train()
 model.activation_checkpointing = activation_checkpointing
 if fsdp:  # each block its own shard group, then the rest (embedding, adapter, ln_f); PyTorch's FSDP2
     from torch.distributed.device_mesh import init_device_mesh
@@ -279,6 +316,15 @@ if fsdp:  # each block its own shard group, then the rest (embedding, adapter, l
     for block in (*model.prelude, *model.core_block, *model.coda):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if on_meta:
+        model.to_empty(device=device)  # memory for this rank's shards alone (a resumed run fills them below)
+    if init_from == "huginn":  # rank 0 sends each tensor, every rank keeps its shard of it in float32
+        set_model_state_dict(model, released.state_dict() if master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        released = None
+# the computed RoPE table, not the release's stored one (a resumed run recomputes it); to_empty left it unset
+model.rope_table = precompute_rope(model_args["n_embd"] // model_args["n_head"], model_args["block_size"],
+                                   model_args["rope_base"]).to(device)
 if compile:
     for block in (*model.prelude, *model.core_block, *model.coda):
         block.compile()  # the blocks, not the loop over iterations: a new depth reuses the compiled code
@@ -292,6 +338,9 @@ if checkpoint is not None:  # PyTorch's state-dict helpers: the same full checkp
         die(f"{ckpt_path} does not fit this model ({str(e).splitlines()[0]})", code=1)
     iter_num = saved_iter = checkpoint["iter_num"]
     checkpoint = None  # free the memory
+loading_memory = [(resident_memory(peak=True), before_loading)] * world_size  # this rank's, then every rank's
+if distributed:
+    dist.all_gather_object(loading_memory, loading_memory[0])
 raw_model = model
 if distributed and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -428,6 +477,10 @@ log(f"train: {json.dumps(config)}")
 log(f"model: {raw_model.get_num_params():,} parameters, {json.dumps(model_args)}")
 log(f"data: {data_dir} ({meta['layout']}, vocab {meta['vocab_size']}); device {device}, dtype {dtype}"
     + (f", {world_size} processes" + (" (FSDP)" if fsdp else " (DDP)") if distributed else ""))
+if None not in loading_memory[0]:  # Linux
+    peaks, rises = zip(*((peak >> 20, (peak - start) >> 20) for peak, start in loading_memory))
+    log(f"loading: peak host memory{' by rank' * distributed} {', '.join(map(str, peaks))} MiB; it rose by "
+        f"{', '.join(map(str, rises))} MiB while loading" + f" ({sum(rises)} in all)" * distributed)
 if master:
     os.makedirs(out_dir, exist_ok=True)
 if iter_num >= max_iters:

@@ -154,7 +154,8 @@ def test_finetune_mistakes_give_one_line(release, capsys, args, code, needles):
 @needs_safetensors
 def test_dry_run_prints_the_memory_of_a_step(release, capsys):
     """--dry_run: weights, gradients and AdamW from the parameter count (4, 4 and 8 bytes each, divided over 8
-    GPUs under FSDP), activations from the meta device; less with checkpointing. Nothing is trained or loaded."""
+    GPUs under FSDP), activations from the meta device; less with checkpointing; the host memory of loading. Nothing
+    is trained or loaded."""
     root, src = release
     assert run_main("train.py", [*FINETUNE, f"--huginn_dir={src}", "--dry_run", "--out_dir=never"], root) == 0
     out = capsys.readouterr().out
@@ -166,14 +167,22 @@ def test_dry_run_prints_the_memory_of_a_step(release, capsys):
     assert one[:4] == pytest.approx([4 * n / 2 ** 20, 4 * n / 2 ** 20, 8 * n / 2 ** 20, 0], abs=0.01)
     assert fsdp[:3] == pytest.approx([v / 8 for v in one[:3]], abs=0.01) and fsdp[3] > 0 and fsdp[4:6] == one[4:6]
     assert one[4] > one[5] > 0 and one[6] == pytest.approx(sum(one[:5]), abs=0.03)
+    # loading: each process of DDP holds the float32 model; under FSDP rank 0 alone holds the release as stored
+    host = re.search(r"host memory of loading in MiB, rank 0 / any other / a node of 8: one process or DDP (.*) / (.*) / "
+                     r"(.*); FSDP (.*) / (.*) / (.*) \(", out)
+    stored = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2 ** 20
+    assert [float(v) for v in host.groups()] == pytest.approx([one[0], one[0], 8 * one[0], stored, 0, stored], abs=0.01)
 
 
 # ---- FSDP, two gloo processes on CPU ----
 
-def torchrun(cwd, out_dir, *args, popen=False):
+SCRATCH = [*TINY_TRAIN, "--pos_encoding=rope", "--mean_recurrence=5"]
+
+
+def torchrun(cwd, out_dir, *args, popen=False, settings=SCRATCH):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *map(str, TINY_TRAIN), "--max_iters=8", "--eval_interval=2", "--gradient_accumulation_steps=2",
-           "--log_interval=1", "--pos_encoding=rope", "--mean_recurrence=5", f"--out_dir={out_dir}", *args]
+           *map(str, settings), "--max_iters=8", "--eval_interval=2", "--gradient_accumulation_steps=2",
+           "--log_interval=1", f"--out_dir={out_dir}", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -269,3 +278,46 @@ def test_a_release_given_relative_or_moved_is_found_or_named(release, tmp_path):
             assert run.returncode == 0, run.stderr[-2000:]
     finally:
         moved.rename(src)
+
+
+@needs_safetensors
+@pytest.mark.skipif(sys.platform != "linux", reason="train.py measures host memory in /proc")
+def test_fsdp_loads_the_release_once_per_node(release, tmp_path):
+    """torchrun, two gloo processes fine-tuning a release stored in bfloat16 (150 MiB in float32): under --fsdp rank 0
+    alone reads it and every rank keeps its float32 shards, so loading raises rank 1's peak host memory by about
+    half the model, and the node's by the stored copy and the shards, where under DDP each rank's rises by the whole
+    model (as it did under FSDP too, each rank building the model before sharding it). The shards hold the release's
+    weights exactly, tied head included; from the tiny release, an FSDP fine-tune ends with the weights of DDP."""
+    root, src = release
+    vocab_size = json.loads((root / "data/notes_huginn/meta.json").read_text())["vocab_size"]
+    export(build(vocab_size=vocab_size, block_size=64, n_embd=768, n_head=12, intermediate_size=3072), tmp_path / "big",
+           dtype=torch.bfloat16)
+    released = RecurrentGPT.from_huginn(tmp_path / "big", dtype=torch.float32)
+    whole = 4 * released.get_num_params()
+    one_step = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--eval_depths=1",
+                "--learning_rate=1e-30", "--min_lr=0"]  # a step far too small to change a float32 weight
+    rises = {}
+    for mode in ("fsdp", "ddp"):
+        out = torchrun(root, tmp_path / mode, *FINETUNE, f"--huginn_dir={tmp_path / 'big'}", *one_step,
+                       *["--fsdp"] * (mode == "fsdp"), settings=[])
+        rises[mode] = [int(v) << 20 for v in re.search(r"loading: peak host memory by rank .* rose by ([0-9, ]+) MiB",
+                                                         out).group(1).split(", ")]
+        saved = weights(tmp_path / mode / "ckpt.pt")
+        assert saved.keys() == released.state_dict().keys()
+        assert all(torch.equal(saved[k], v) for k, v in released.state_dict().items()), mode
+    assert min(rises["ddp"]) > whole  # the measure sees the whole float32 model on each DDP rank
+    other = min(rises["ddp"]) - whole  # what loading adds besides the weights (modules imported on first use)
+    assert rises["fsdp"][1] - other < 0.7 * whole, (rises, whole)  # its shard and a tensor in flight
+    assert sum(rises["fsdp"]) - 2 * other < 1.7 * whole, (rises, whole)  # the stored copy (half) and the shards
+    for mode in ("fsdp", "ddp"):
+        torchrun(root, tmp_path / f"tiny-{mode}", *FINETUNE, f"--huginn_dir={src}", "--eval_interval=8",
+                 *["--fsdp"] * (mode == "fsdp"), settings=[])
+    broken = tmp_path / "big"
+    (broken / "model-00002-of-00002.safetensors").unlink()  # rank 0 cannot read it: every rank stops with its line
+    _, err = torchrun(root, tmp_path / "never", *FINETUNE, f"--huginn_dir={broken}", "--fsdp", settings=[],
+                      popen=True).communicate(timeout=300)
+    assert err.count("error: shard model-00002-of-00002.safetensors") == 2 and "[rank" not in err, err[-3000:]
+    a, b = weights(tmp_path / "tiny-fsdp/ckpt.pt"), weights(tmp_path / "tiny-ddp/ckpt.pt")
+    assert not torch.equal(a["wte.weight"], RecurrentGPT.from_huginn(src).wte.weight)  # it trained
+    assert torch.equal(a["lm_head.weight"], a["wte.weight"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
