@@ -523,6 +523,8 @@ while iter_num < max_iters and not stop_requested:
                 + ("" if fsdp else " and the weights"))
         t0, t0_iter, flops = time.time(), iter_num, 0
 progress.close()
+if wandb_run is not None:
+    wandb_run.finish()
 if stop_requested:
     log(f"interrupted at iter {iter_num}: saved {ckpt_path}; continue with --init_from=resume")
 exit_code = 130 if stop_requested else 0  # 130: the shell's code for a run stopped by Ctrl-C
