@@ -54,7 +54,6 @@ def main(argv):
     for ax in (left, right):
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = argv[1] if len(argv) == 2 else os.path.join(argv[0], "metrics.png")
