@@ -4,8 +4,8 @@ at several depths in one call (pip install lm-eval):
 
     python harness.py --out_dir=out-demo --tasks=shellgame_8,shellgame_16,shellgame_32 --num_steps=1,4,8,16,32
     python harness.py --huginn_dir=huginn-0125 --tasks=hellaswag,arc_easy --num_steps=1,4,8,32
-    python harness.py --huginn_dir=huginn-0125 --tasks=gsm8k_cot --num_steps=32 --num_fewshot=8 \\
-        --apply_chat_template --system_instruction="You are a helpful assistant that can assist users with mathematical reasoning."
+    python harness.py --huginn_dir=huginn-0125 --tasks=gsm8k_cot --num_steps=32 --num_fewshot=8 --apply_chat_template \\
+        --system_instruction="You are a helpful assistant that can assist users with mathematical reasoning."
 
 Prints one table (task x num_steps) and writes harness.json and, with matplotlib, harness.png (to out_dir, or
 the working directory for the release). The tasks under tasks/ (the shell game, one task per test length) are
@@ -29,7 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import check_settings, configure, die, int_list, load_model, pick_dtype, setup_device
+from common import (WriteError, atomic_write, check_settings, configure, die, int_list, load_model, pick_dtype,
+                    setup_device)
 from model import KVCache, RecurrentGPT, check_sampling
 
 try:
@@ -49,7 +50,7 @@ class Tokenizer:
     tokens, the BOS that starts a text without context (prefix, or None), and the ids that end a generation."""
 
     def __init__(self, meta, huginn_dir=""):
-        self.name, self.prefix, self.stop_ids, self.specials = meta["tokenizer"], None, set(), set()
+        self.name, self.prefix, self.eot, self.stop_ids, self.specials = meta["tokenizer"], None, None, set(), set()
         if self.name == "char":
             self.itos, self.stoi = meta["itos"], {c: i for i, c in enumerate(meta["itos"])}
             return
@@ -61,7 +62,7 @@ class Tokenizer:
             from huginn import load_huginn_tokenizer
             self.enc = load_huginn_tokenizer(huginn_dir or meta["huginn_dir"])
             begin, ends = "<|begin_text|>", ["<|end_text|>", "<|end_turn|>"]
-        self.prefix = self.enc.encode_single_token(begin)
+        self.prefix, self.eot = self.enc.encode_single_token(begin), self.enc.encode_single_token(ends[0])
         self.stop_ids = {self.enc.encode_single_token(s) for s in ends}
         self.specials = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
 
@@ -104,7 +105,9 @@ class RecurrentLM(TemplateLM):
             self.tok = Tokenizer({"tokenizer": "huginn"}, huginn_dir)
         else:
             model, checkpoint = load_model(out_dir, self._device)
+            rope = model.rope_table  # stays float32, as in training
             self.model, self.tok = model.to(compute), Tokenizer(checkpoint["meta"])
+            self.model.rope_table = rope
         self.model.config.state_init = state_init
         self.num_steps = num_steps or self.model.config.mean_recurrence
         self.exit_threshold, self.batch_size = exit_threshold, int(batch_size)
@@ -114,6 +117,10 @@ class RecurrentLM(TemplateLM):
 
     @property
     def eot_token_id(self):
+        return self.tok.eot
+
+    @property
+    def prefix_token_id(self):
         return self.tok.prefix
 
     @property
@@ -169,7 +176,8 @@ class RecurrentLM(TemplateLM):
         """Log-probabilities (n, vocab) of the last n of tokens under adaptive exit, as generate() computes them:
         the context in one pass through the cache (exit judged at its last position), then one token at a time."""
         idx = torch.tensor([tokens[:-1]], device=self.device)
-        cache = KVCache(self.model.config, 1, idx.size(1), self.num_steps, None, self.device, self.model.wte.weight.dtype)
+        dtype = self.model.wte.weight.dtype
+        cache = KVCache(self.model.config, 1, idx.size(1), self.num_steps, None, self.device, dtype)
         starts = [0, *range(len(tokens) - n, len(tokens) - 1)]
         ends = starts[1:] + [len(tokens) - 1]
         return torch.cat([F.log_softmax(self.model.forward_cached(idx[:, a:b], cache, self.num_steps,
@@ -213,8 +221,8 @@ class RecurrentLM(TemplateLM):
             temperature, top_k = (1.0, 1) if greedy else (kw.pop("temperature"), kw.pop("top_k", None))
             kw.pop("temperature", None)
             if kw:
-                raise ValueError(f"generation setting {sorted(kw)[0]} is not supported (until, max_gen_toks, do_sample, "
-                                 "temperature and top_k are)")
+                raise ValueError(f"generation setting {sorted(kw)[0]} is not supported (until, max_gen_toks, "
+                                 "do_sample, temperature and top_k are)")
             keep = self.model.config.block_size - max_gen
             if keep < 1:
                 raise ValueError(f"max_gen_toks ({max_gen}) must be below block_size ({self.model.config.block_size})")
@@ -260,14 +268,11 @@ def metrics(task_results):
 
 
 def plot(path, depths, table):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from plot_metrics import pyplot
+    plt = pyplot()
+    if plt is None:
         print("no plot: pip install matplotlib for harness.png")
         return
-    from common import atomic_write
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, values in table.items():
         ax.plot(depths, values, marker="o", label=name)
@@ -318,7 +323,8 @@ if __name__ == "__main__":
     for r in depths:
         lm.num_steps = r
         out = lm_eval.simple_evaluate(lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                      apply_chat_template=apply_chat_template, system_instruction=system_instruction or None,
+                                      apply_chat_template=apply_chat_template,
+                                      system_instruction=system_instruction or None,
                                       log_samples=False, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed)
         results[r] = out["results"]
@@ -329,7 +335,6 @@ if __name__ == "__main__":
     print(f"{'task metric':<{width}} " + " ".join(f"{'r=' + str(r):>7}" for r in depths))
     for name, values in table.items():
         print(f"{name:<{width}} " + " ".join(f"{v:>7.4f}" for v in values))
-    from common import WriteError, atomic_write
     where = out_dir or "."
     try:
         atomic_write(os.path.join(where, "harness.json"),

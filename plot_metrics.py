@@ -15,6 +15,17 @@ import sys
 from common import WriteError, atomic_write, die
 
 
+def pyplot():
+    """matplotlib.pyplot drawing into files (no display needed), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def read_metrics(path):
     """The records of a metrics.jsonl: (log records, evaluation records), each a list of dicts in file order."""
     if not os.path.isfile(path):
@@ -33,11 +44,8 @@ def read_metrics(path):
 def main(argv):
     if len(argv) not in (1, 2) or argv[0].startswith("-"):
         die("usage: python plot_metrics.py OUT_DIR [PNG] (the PNG defaults to OUT_DIR/metrics.png)")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         die("plot_metrics.py needs matplotlib: pip install matplotlib", code=1)
     logs, evals = read_metrics(os.path.join(argv[0], "metrics.jsonl"))
     if not logs and not evals:

@@ -481,7 +481,8 @@ while iter_num < max_iters and not stop_requested:
         die(f"out of memory at iter {iter_num + 1} (depth {n_no_grad + n_grad}, {n_grad} with gradients, batch_size "
             f"{batch_size} x block_size {block_size}): lower batch_size, backprop_depth or block_size, or pass "
             "--activation_checkpointing", code=1)
-    flops += raw_model.estimate_flops(batch_size * gradient_accumulation_steps, x.size(1), n_no_grad, n_grad)  # a rank's
+    # FLOPs of a rank's step at the depth run, for MFU
+    flops += raw_model.estimate_flops(batch_size * gradient_accumulation_steps, x.size(1), n_no_grad, n_grad)
     # one small all-reduce: the mean loss over the ranks, and whether any rank was asked to stop
     flags = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(stop_requested), device=device)])
     if distributed:
