@@ -17,6 +17,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from common import save_checkpoint  # noqa: E402
 from conftest import TOY_ITOS, TOY_TEXT, make_shellgame, run_main, run_script, train_tiny  # noqa: E402
 from harness import RecurrentLM  # noqa: E402
+from huginn import chat_prompt  # noqa: E402
 from test_huginn import build, export, needs_safetensors, reference_ids, write_tokenizer  # noqa: E402
 
 
@@ -169,6 +170,9 @@ def test_release_layout_runs_a_local_multiple_choice_task_as_hflm(tmp_path):
     out = lm_eval.simple_evaluate("recurrent-gpt", f"huginn_dir={tmp_path},num_steps=3,device=cpu",
                                   tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
     assert "acc,none" in out["results"]["tiny_mc"]
+    lm = RecurrentLM(huginn_dir=str(tmp_path), num_steps=3, device="cpu")  # --apply_chat_template: the release's format
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 * 6?"}]
+    assert lm.apply_chat_template(history) == chat_prompt("7 * 6?", "Be brief.")
     for sample in out["samples"]["tiny_mc"]:
         doc = sample["doc"]
         context = doc["question"].rstrip(" ")
