@@ -34,9 +34,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (WriteError, check_settings, configure, die, int_list, keep_freed_memory, model_config,
-                    pick_dtype, read_checkpoint, resident_memory, restart_peak_memory, save_checkpoint, setup_device,
-                    training_memory)
+from common import (WriteError, atomic_write, check_settings, configure, die, int_list, keep_freed_memory,
+                    model_config, pick_dtype, read_checkpoint, resident_memory, restart_peak_memory, save_checkpoint,
+                    setup_device, training_memory)
 from model import ModelConfig, RecurrentGPT, precompute_rope
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -81,6 +81,11 @@ warmup_iters = 100
 lr_decay_iters = 5000
 min_lr = 1e-4
 nonfinite = "stop"           # on a NaN/inf loss: "stop" the run, or "skip" the step
+# logging: every log line and evaluation is also a record in out_dir/metrics.jsonl (plot_metrics.py draws it)
+peak_flops = 0.0             # the device's peak FLOP/s (312e12: an A100 in bf16), for MFU in metrics.jsonl; 0 = no MFU
+wandb_log = False            # send the same records to Weights & Biases (pip install wandb)
+wandb_project = "recurrent-gpt"
+wandb_run_name = ""          # "" = wandb's own name
 # system
 device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"               # "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16", "float32"
@@ -95,7 +100,8 @@ MODEL_FIELDS = [f.name for f in fields(ModelConfig) if f.name != "vocab_size"]
 SHAPE = ("n_embd", "n_head", "intermediate_size", "n_prelude", "n_core", "n_coda", "qk_bias", "rope_base", "norm_eps",
          "pos_encoding")
 # settings of this invocation and machine: everything else a resumed run takes from its checkpoint unless given
-SESSION = ("init_from", "out_dir", "device", "dtype", "compile", "activation_checkpointing", "fsdp", "dry_run")
+SESSION = ("init_from", "out_dir", "device", "dtype", "compile", "activation_checkpointing", "fsdp", "dry_run",
+           "peak_flops")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 if init_from == "resume":
@@ -467,8 +473,44 @@ def on_out_of_memory(what, fix):
         die(f"out of memory {what}: {fix}", code=1)
 
 
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+wandb_run = None
+
+
+def start_metrics():
+    """metrics.jsonl of a resumed run keeps its records up to the checkpoint's iter (a killed run may have written
+    later ones, which this run writes again, and a line cut short); any other run starts it empty. Opens the
+    Weights & Biases run with wandb_log."""
+    global wandb_run
+    kept = []
+    if init_from == "resume" and os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    kept += [line] if json.loads(line)["iter"] <= iter_num else []
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut by a kill
+    atomic_write(metrics_path, "".join(line.rstrip("\n") + "\n" for line in kept).encode())
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            die("wandb_log=True needs wandb: pip install wandb", code=1)
+        wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, dir=out_dir)
+
+
+def record(entry):
+    """One record (a dict with "iter") as a line of metrics.jsonl, and to Weights & Biases with wandb_log."""
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(entry, step=entry["iter"])
+
+
 def report(losses, iter_num):
     if losses is not None:  # None: the evaluation stopped for a save
+        record({"iter": iter_num, **{f"{s}_loss_r{r}": v for (s, r), v in losses.items()}})
         log(f"eval iter {iter_num}: train loss {losses[('train', mean_recurrence)]:.4f} | val loss by depth: "
             + " | ".join(f"r={r}: {v:.4f}" for (s, r), v in losses.items() if s == "val"))
 
@@ -483,12 +525,13 @@ if None not in loading_memory[0]:  # Linux
         f"{', '.join(map(str, rises))} MiB while loading" + f" ({sum(rises)} in all)" * distributed)
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    start_metrics()
 if iter_num >= max_iters:
     log(f"nothing to do: the checkpoint is at iter {iter_num} and max_iters is {max_iters}; raise --max_iters")
 elif iter_num == 0:
     report(evaluate(0), 0)  # the loss before any training, as nanoGPT shows it (a fine-tune starts from here)
 depth_history = []
-t0, t0_iter = time.time(), iter_num
+t0, t0_iter, flops = time.time(), iter_num, 0
 while iter_num < max_iters and not stop_requested:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -516,6 +559,8 @@ while iter_num < max_iters and not stop_requested:
                     _, loss = model(x, y, num_steps=(n_no_grad, n_grad))
                 (loss / gradient_accumulation_steps).backward()
             loss_sum += loss.detach().float()
+    # FLOPs of a rank's step at the depth run, for MFU
+    flops += raw_model.estimate_flops(batch_size * gradient_accumulation_steps, x.size(1), n_no_grad, n_grad)
     # one small all-reduce: the mean loss over the ranks, and whether any rank was asked to stop
     flags = torch.stack([loss_sum / gradient_accumulation_steps, torch.tensor(float(stop_requested), device=device)])
     if distributed:
@@ -541,7 +586,10 @@ while iter_num < max_iters and not stop_requested:
         progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         log(f"iter {iter_num}: loss {loss_value:.4f}, depth {n_no_grad + n_grad} ({n_grad} with grad), "
             f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s")
-        t0, t0_iter = time.time(), iter_num
+        mfu = {"mfu": flops / (dt * (iter_num - t0_iter)) / peak_flops} if peak_flops else {}
+        record(dict(iter=iter_num, loss=loss_value, depth=n_no_grad + n_grad, n_grad=n_grad, grad_norm=norm, lr=lr,
+                    tokens_per_s=tokens / dt, **mfu))
+        t0, t0_iter, flops = time.time(), iter_num, 0
     if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
         if not stop_requested:  # a stop saves at once: a scheduler's grace period may be shorter than an evaluation
             report(evaluate(iter_num), iter_num)
@@ -554,8 +602,10 @@ while iter_num < max_iters and not stop_requested:
                 die("the ranks disagree on the depths drawn or the weights", code=1)
             log(f"{'fsdp' if fsdp else 'ddp'}: {world_size} ranks agree on {len(depth_history)} depths"
                 + ("" if fsdp else " and the weights"))
-        t0, t0_iter = time.time(), iter_num
+        t0, t0_iter, flops = time.time(), iter_num, 0
 progress.close()
+if wandb_run is not None:
+    wandb_run.finish()
 if stop_requested:
     log(f"interrupted at iter {iter_num}: " + (f"saved {ckpt_path}; continue with --init_from=resume" if saved_iter
                                                else "stopped before the first step, nothing to save"))
