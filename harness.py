@@ -303,7 +303,7 @@ if __name__ == "__main__":
     device = "auto"
     dtype = "auto"
     seed = 1234
-    config = configure(globals())
+    config, _ = configure(globals())
     depths = int_list("num_steps", num_steps)
     check_settings(config, [("batch_size", batch_size >= 1, ">= 1"),
                             ("out_dir", bool(out_dir) != bool(huginn_dir), "given, or huginn_dir (one of them)")])
