@@ -314,10 +314,11 @@ if "speculative" in chosen:  # drafts at a low depth are worth checking only on 
                                       mean_recurrence=8, backprop_depth=4)).to(device)
     opt = smodel.configure_optimizers(0.1, 3e-3, (0.9, 0.95), device_type)
     t0 = time.perf_counter()
-    for it in range(spec_iters):  # the depth sampler picks each step's depth, as in train.py
+    for it in range(spec_iters):  # in train mode the depth sampler picks each step's depth, as in train.py
         opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 3e-3 * min(1, (it + 1) / 50)
         batch = torch.stack([data[i:i + 65] for i in torch.randint(split - 65, (16,)).tolist()])
-        train_step(smodel.train(), opt, batch[:, :-1], batch[:, 1:], None)
+        train_step(smodel, opt, batch[:, :-1], batch[:, 1:], None)
+    train_s = time.perf_counter() - t0
     smodel.eval().config.state_init = "zero"  # plain and speculative decoding start every token from the same s_0
     val = torch.stack([data[i:i + 129] for i in range(split, len(data) - 129, 128)])
     with torch.no_grad():
@@ -338,19 +339,21 @@ if "speculative" in chosen:  # drafts at a low depth are worth checking only on 
         for L in draft_lengths:
             elapsed, tokens, blocks = run(top_k=1, draft_steps=d, draft_tokens=L)
             accepted, per_pass = speculation_stats(blocks, L)
-            rows.append(dict(draft_steps=d, draft_tokens=L, tokens_per_s=spec_tokens / elapsed, speedup=plain_s / elapsed,
-                             acceptance=accepted, tokens_per_pass=per_pass, same_tokens=torch.equal(tokens, plain)))
+            rows.append(dict(draft_steps=d, draft_tokens=L, tokens_per_s=spec_tokens / elapsed,
+                             speedup=plain_s / elapsed, acceptance=accepted, tokens_per_pass=per_pass,
+                             same_tokens=torch.equal(tokens, plain)))
     best = max(rows, key=lambda row: row["speedup"])
     torch.manual_seed(seed)  # sampled as sample.py samples by default: temperature 0.8, top_k 200
     sampled_s = run(temperature=0.8, top_k=200)[0]
     torch.manual_seed(seed)
-    elapsed, _, blocks = run(temperature=0.8, top_k=200, draft_steps=best["draft_steps"], draft_tokens=best["draft_tokens"])
+    elapsed, _, blocks = run(temperature=0.8, top_k=200, draft_steps=best["draft_steps"],
+                             draft_tokens=best["draft_tokens"])
     accepted, per_pass = speculation_stats(blocks, best["draft_tokens"])
     sampled = dict(plain_tokens_per_s=spec_tokens / sampled_s, tokens_per_s=spec_tokens / elapsed,
                    speedup=sampled_s / elapsed, acceptance=accepted, tokens_per_pass=per_pass)
-    results["speculative"] = dict(train_s=time.perf_counter() - t0, val_loss_by_depth=val_loss,
+    results["speculative"] = dict(train_s=train_s, val_loss_by_depth=val_loss,
                                   plain_tokens_per_s=spec_tokens / plain_s, rows=rows, best=best, sampled=sampled)
-    print(f"\ncharacter model, {spec_iters} steps; validation loss by depth: "
+    print(f"\ncharacter model, {spec_iters} steps in {train_s:.0f} s; validation loss by depth: "
           + ", ".join(f"r={r}: {v:.3f}" for r, v in val_loss.items()))
     table(f"self-speculative greedy decoding at num_steps=32, batch 1, {spec_tokens} tokens: plain decoding "
           f"{spec_tokens / plain_s:.1f} tokens/s (median of 3)",

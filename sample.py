@@ -9,9 +9,10 @@ Sample from a trained model at the depth you choose, or at several depths side b
 
 --start is the prompt text, or FILE:path to read it from a file. One prompt at one depth streams its
 tokens as they come. After the samples, one line per depth: tokens/s, mean and max iterations per token
-(they differ under --exit_threshold), and KV-cache memory; with --draft_steps (self-speculative decoding), the
-share of drafted tokens accepted and the tokens each pass at num_steps gave. On the shell game (a data set of rows) the
-answer after the prompt is the cup that holds the ball; it is printed greedily with the true cup beside it.
+(they differ under --exit_threshold), KV-cache memory, and with --draft_steps (self-speculative decoding)
+the share of drafts accepted and the tokens each pass at num_steps gave. On the shell game (a data set of
+rows) the answer after the prompt is the cup that holds the ball; it is printed greedily with the true cup
+beside it.
 """
 
 import json

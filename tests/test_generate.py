@@ -298,7 +298,8 @@ def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(kv_budge
     for one prompt and for a batch of prompts of different lengths, with and without KV-cache sharing, drafts
     kept and drafts rejected; the iterations reported are num_steps for every token."""
     model, g = drafting_model(), torch.Generator().manual_seed(1)
-    idx, prompts = torch.randint(0, 64, (1, 9), generator=g), [torch.randint(0, 64, (n,), generator=g) for n in (1, 9, 4)]
+    idx = torch.randint(0, 64, (1, 9), generator=g)
+    prompts = [torch.randint(0, 64, (n,), generator=g) for n in (1, 9, 4)]
     for x in (idx, prompts):
         plain = model.generate(x, 30, num_steps=8, top_k=1, kv_budget=kv_budget)
         (fast, steps), blocks = blocks_of(model, x, 30, num_steps=8, top_k=1, kv_budget=kv_budget,
@@ -392,8 +393,9 @@ def toy_checkpoint(tmp_path, trained_toy_model):
     from conftest import TOY_ITOS
     model, _ = trained_toy_model
     (tmp_path / "out").mkdir()
-    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
-                     "meta": {"tokenizer": "char", "itos": TOY_ITOS, "layout": "stream"}}, str(tmp_path / "out/ckpt.pt"))
+    meta = {"tokenizer": "char", "itos": TOY_ITOS, "layout": "stream"}
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta},
+                    str(tmp_path / "out/ckpt.pt"))
     return tmp_path
 
 
