@@ -510,7 +510,7 @@ class KVCache:
         self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
         self.k = torch.zeros(self.shape(config, batch_size, max_len, n_slots), device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.pos = 0         # tokens written so far
+        self.pos = 0         # tokens written so far (speculate moves it back past rejected drafts)
         self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
         self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
         self.n_pad = None if valid is None else (~valid).sum(1)
