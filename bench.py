@@ -14,10 +14,14 @@ Sections (--sections: a comma-separated choice, or "all"):
           checkpointing, beside what common.training_memory predicts (CUDA: max allocated; Linux: peak RSS)
   decode  greedy generate(): tokens/s for decode_batches x decode_depths, and of the bandwidth roofline
   cache   generate() against recomputing the whole forward for every new token, batch 1
+  speculative  self-speculative decoding against plain decoding at num_steps 32, greedy (the same tokens) and
+          sampled, on a 64-wide character model trained here for spec_iters steps on this repository's Python
+          files, for each draft_steps in draft_depths and draft_tokens in draft_lengths (one thread: the model is small)
 Prints tables; writes every figure to `out`.
 """
 
 import ctypes
+import glob
 import json
 import os
 import platform
@@ -32,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (WriteError, atomic_write, check_settings, configure, die, int_list, keep_freed_memory,
-                    model_config, pick_dtype, resident_memory, restart_peak_memory, setup_device, training_memory)
+                    model_config, pick_dtype, resident_memory, restart_peak_memory, setup_device, speculation_stats,
+                    training_memory)
 from model import CausalSelfAttention, GatedMLP, ModelConfig, RecurrentGPT, RMSNorm, precompute_rope
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -57,6 +62,10 @@ decode_depths = "1,8,32"
 prompt_len = 16
 decode_tokens = 32
 cache_tokens = 256           # generate() against recomputing: new tokens, at the first of decode_depths
+spec_iters = 400             # training steps of the speculative section's character model
+spec_tokens = 128            # new tokens per generate() in the speculative section
+draft_depths = "2,4,8"       # its draft_steps ...
+draft_lengths = "2,4,8"      # ... and draft_tokens
 mm_size = 2048               # side of the square matmul of the ceiling (8192 fills a GPU)
 copy_mib = 256               # size of the copied buffer of the bandwidth (2048 on a GPU)
 device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1"
@@ -65,14 +74,16 @@ compile = False              # torch.compile each block in the train and memory 
 seed = 1337
 config, _ = configure(globals())
 
-SECTIONS = ("train", "memory", "decode", "cache")
+SECTIONS = ("train", "memory", "decode", "cache", "speculative")
 chosen = SECTIONS if sections == "all" else sections.split(",")
 check_settings(config, [("sections", set(chosen) <= set(SECTIONS), f"'all' or a choice of {', '.join(SECTIONS)}")]
                + [(k, config[k] >= 1, ">= 1") for k in ("batch_size", "timed_steps", "prompt_len", "decode_tokens",
-                                                        "cache_tokens", "mm_size", "copy_mib")]
+                                                        "cache_tokens", "spec_iters", "spec_tokens", "mm_size",
+                                                        "copy_mib")]
                + [("warmup_steps", warmup_steps >= 0, ">= 0")])
-memory_depths, decode_batches, decode_depths = map(int_list, ("memory_depths", "decode_batches", "decode_depths"),
-                                                   (memory_depths, decode_batches, decode_depths))
+memory_depths, decode_batches, decode_depths, draft_depths, draft_lengths = map(
+    int_list, ("memory_depths", "decode_batches", "decode_depths", "draft_depths", "draft_lengths"),
+    (memory_depths, decode_batches, decode_depths, draft_depths, draft_lengths))
 model_args = {f.name: config[f.name] for f in fields(ModelConfig) if f.name in config}
 model_config(model_args)  # the model's own checks, before any work
 device, device_type = setup_device(device)
@@ -289,6 +300,69 @@ if "cache" in chosen:
     results["cache"] = dict(num_steps=r, new_tokens=cache_tokens, cached_s=cached, recompute_s=recompute, speedup=speedup)
     print(f"\n{cache_tokens} new tokens at num_steps={r}, batch 1: generate() {cached:.2f} s, recomputing the whole "
           f"forward per token {recompute:.2f} s (medians; the KV cache is {speedup:.1f}x faster)")
+
+if "speculative" in chosen:  # drafts at a low depth are worth checking only on a model that has learned something
+    torch.set_num_threads(1)  # a 64-wide model: a second thread only waits for the first
+    text = "".join(open(f, encoding="utf-8").read() for f in sorted(glob.glob(os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "*.py"))))
+    itos = sorted(set(text))
+    data = torch.tensor([{c: i for i, c in enumerate(itos)}[c] for c in text], device=device)
+    split = int(0.9 * len(data))
+    torch.manual_seed(seed)
+    smodel = RecurrentGPT(ModelConfig(vocab_size=len(itos), block_size=256, n_embd=64, n_head=4, intermediate_size=176,
+                                      mean_recurrence=8, backprop_depth=4)).to(device)
+    opt = smodel.configure_optimizers(0.1, 3e-3, (0.9, 0.95), device_type)
+    t0 = time.perf_counter()
+    for it in range(spec_iters):  # in train mode the depth sampler picks each step's depth, as in train.py
+        opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 3e-3 * min(1, (it + 1) / 50)
+        batch = torch.stack([data[i:i + 65] for i in torch.randint(split - 65, (16,)).tolist()])
+        train_step(smodel, opt, batch[:, :-1], batch[:, 1:], None)
+    train_s = time.perf_counter() - t0
+    smodel.eval().config.state_init = "zero"  # plain and speculative decoding start every token from the same s_0
+    val = torch.stack([data[i:i + 129] for i in range(split, len(data) - 129, 128)])
+    with torch.no_grad():
+        val_loss = {r: smodel(val[:, :-1], val[:, 1:], num_steps=r)[1].item() for r in (1, 2, 4, 8, 32)}
+    prompt = data[split:split + 32][None]
+
+    def run(**kw):
+        """(seconds, tokens, sizes of the blocks streamed) of spec_tokens tokens after the prompt at num_steps 32."""
+        tokens, blocks = [], []
+        elapsed = seconds(lambda: tokens.append(smodel.generate(prompt, spec_tokens, num_steps=32, **kw,
+                                                                on_token=lambda x: blocks.append(x.size(1)))))
+        return elapsed, tokens[0], blocks
+
+    plain = run(top_k=1)[1]  # a warm-up, and the tokens every draft setting must give
+    plain_s = statistics.median(run(top_k=1)[0] for _ in range(3))
+    rows = []
+    for d in draft_depths:
+        for L in draft_lengths:
+            elapsed, tokens, blocks = run(top_k=1, draft_steps=d, draft_tokens=L)
+            accepted, per_pass = speculation_stats(blocks, L)
+            rows.append(dict(draft_steps=d, draft_tokens=L, tokens_per_s=spec_tokens / elapsed,
+                             speedup=plain_s / elapsed, acceptance=accepted, tokens_per_pass=per_pass,
+                             same_tokens=torch.equal(tokens, plain)))
+    best = max(rows, key=lambda row: row["speedup"])
+    torch.manual_seed(seed)  # sampled as sample.py samples by default: temperature 0.8, top_k 200
+    sampled_s = run(temperature=0.8, top_k=200)[0]
+    torch.manual_seed(seed)
+    elapsed, _, blocks = run(temperature=0.8, top_k=200, draft_steps=best["draft_steps"],
+                             draft_tokens=best["draft_tokens"])
+    accepted, per_pass = speculation_stats(blocks, best["draft_tokens"])
+    sampled = dict(plain_tokens_per_s=spec_tokens / sampled_s, tokens_per_s=spec_tokens / elapsed,
+                   speedup=sampled_s / elapsed, acceptance=accepted, tokens_per_pass=per_pass)
+    results["speculative"] = dict(train_s=train_s, val_loss_by_depth=val_loss,
+                                  plain_tokens_per_s=spec_tokens / plain_s, rows=rows, best=best, sampled=sampled)
+    print(f"\ncharacter model, {spec_iters} steps in {train_s:.0f} s; validation loss by depth: "
+          + ", ".join(f"r={r}: {v:.3f}" for r, v in val_loss.items()))
+    table(f"self-speculative greedy decoding at num_steps=32, batch 1, {spec_tokens} tokens: plain decoding "
+          f"{spec_tokens / plain_s:.1f} tokens/s (median of 3)",
+          ["draft_steps", "draft_tokens", "tokens/s", "speed-up", "accepted", "tokens/pass", "same tokens"],
+          [[row["draft_steps"], row["draft_tokens"], f"{row['tokens_per_s']:.1f}", f"{row['speedup']:.2f}x",
+            pct(row["acceptance"]), f"{row['tokens_per_pass']:.2f}", "yes" if row["same_tokens"] else "NO"]
+           for row in rows])
+    print(f"sampled (temperature 0.8, top_k 200) at draft_steps={best['draft_steps']}, draft_tokens="
+          f"{best['draft_tokens']}: {sampled['tokens_per_s']:.1f} tokens/s against {sampled['plain_tokens_per_s']:.1f} "
+          f"({sampled['speedup']:.2f}x), {pct(accepted)} accepted, {per_pass:.2f} tokens per pass")
 
 if out:
     try:

@@ -295,6 +295,18 @@ def load_model(out_dir, device):
     return model.to(device).eval(), checkpoint
 
 
+def speculation_stats(blocks, draft_tokens):
+    """(share of drafts accepted, new tokens per pass at num_steps) of generate() with draft_tokens, from the
+    sizes of the blocks of tokens it streamed: the first came from the prompt's pass, each later one from a
+    pass that checked min(draft_tokens, tokens still to come - 1) drafts and gave one token more than it kept."""
+    total, n, drafted = sum(blocks), blocks[0], 0
+    for b in blocks[1:]:
+        drafted += min(draft_tokens, total - n - 1)
+        n += b
+    passes = len(blocks) - 1
+    return (total - blocks[0] - passes) / max(drafted, 1), (total - blocks[0]) / max(passes, 1)
+
+
 def training_memory(config, batch_size, seq_len, n_grad, checkpointing, dtype=torch.float32):
     """Bytes of a training step with float32 weights and AdamW, in one process: weights, gradients, AdamW's two
     moments, and activations, what autograd keeps for the backward pass. Those are counted in a forward on the

@@ -181,7 +181,7 @@ class RecurrentLM(TemplateLM):
         starts = [0, *range(len(tokens) - n, len(tokens) - 1)]
         ends = starts[1:] + [len(tokens) - 1]
         return torch.cat([F.log_softmax(self.model.forward_cached(idx[:, a:b], cache, self.num_steps,
-                                                                   self.exit_threshold)[0].float(), -1).cpu()
+                                                                   self.exit_threshold)[0][:, -1].float(), -1).cpu()
                           for a, b in zip(starts, ends)])
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
@@ -237,9 +237,9 @@ class RecurrentLM(TemplateLM):
         """The new tokens of each prompt (lists of ids), generated until every row is done."""
         new = [[] for _ in prompts]
 
-        def on_token(column):
-            for row, t in zip(new, column[:, 0].tolist()):
-                row.append(t)
+        def on_token(block):  # the new tokens of each row: one column, or several decided together
+            for row, tokens in zip(new, block.tolist()):
+                row.extend(tokens)
             if all(self.cut(row, until) != self.tok.decode(row) or self.tok.stop_ids & set(row) for row in new):
                 raise _Done
         try:

@@ -9,7 +9,8 @@ Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach" (released a
 
 One set of weights serves any num_steps. Training samples the depth for every step and backpropagates
 through the last backprop_depth iterations only (truncated backprop); at inference the user picks the depth,
-and generate() adds the paper's per-iteration KV cache, adaptive exit, KV-cache sharing and warm start.
+and generate() adds the paper's per-iteration KV cache, adaptive exit, KV-cache sharing and warm start, and
+the release's self-speculative decoding (the model drafts at a low depth and checks itself at full depth).
 """
 
 import math
@@ -146,7 +147,8 @@ class ModelConfig:
             raise ValueError(f"pos_encoding must be 'rope', 'alibi' or 'none' (got {self.pos_encoding!r})")
 
 
-def check_sampling(num_steps, max_new_tokens=1, temperature=1.0, top_k=None, exit_threshold=None, kv_budget=None):
+def check_sampling(num_steps, max_new_tokens=1, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                   exit_threshold=None, kv_budget=None, warm_start=False, draft_steps=None, draft_tokens=None):
     """The arguments of generate(), checked without a model (scripts check their flags before a long load):
     a ValueError naming the first bad one."""
     def ensure(ok, name, value, allowed):
@@ -156,11 +158,36 @@ def check_sampling(num_steps, max_new_tokens=1, temperature=1.0, top_k=None, exi
     integer = lambda v: number(v) and isinstance(v, int) and v >= 1
     ensure(integer(num_steps), "num_steps", num_steps, "an integer >= 1")
     ensure(integer(max_new_tokens), "max_new_tokens", max_new_tokens, "an integer >= 1")
-    ensure(top_k is None or integer(top_k), "top_k", top_k, "an integer >= 1")
-    ensure(kv_budget is None or integer(kv_budget), "kv_budget", kv_budget, "an integer >= 1")
+    for name, value in (("top_k", top_k), ("kv_budget", kv_budget), ("draft_steps", draft_steps),
+                        ("draft_tokens", draft_tokens)):
+        ensure(value is None or integer(value), name, value, "an integer >= 1")
     ensure(number(temperature) and temperature > 0, "temperature", temperature, "a number > 0")
+    ensure(top_p is None or number(top_p) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]")
+    ensure(min_p is None or number(min_p) and 0 <= min_p <= 1, "min_p", min_p, "a number in [0, 1]")
     ensure(exit_threshold is None or number(exit_threshold) and exit_threshold >= 0, "exit_threshold",
            exit_threshold, "a number >= 0")
+    ensure((draft_steps is None) == (draft_tokens is None), "draft_tokens", draft_tokens, "given with draft_steps")
+    if draft_steps is not None and (exit_threshold is not None or warm_start):
+        raise ValueError("speculative decoding (draft_steps) cannot take exit_threshold or warm_start: its "
+                         "verification pass runs several tokens at one depth, each from s_0")
+
+
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """The distribution generate() samples from, over the last dim: softmax(logits / temperature) cut to the
+    top_k tokens, to the fewest whose probability reaches top_p (nucleus) and to those at least min_p times
+    as likely as the most likely, renormalized."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        after = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the tokens after the nucleus is full
+        probs = probs.masked_fill(after.scatter(-1, order, after), 0)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
 class RecurrentGPT(nn.Module):
@@ -219,6 +246,8 @@ class RecurrentGPT(nn.Module):
 
     def embed(self, idx, rope, cache=None):
         """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
         x = self.wte(idx) * math.sqrt(self.config.n_embd)
         for block in self.prelude:
             x = block(x, rope, cache)
@@ -252,11 +281,8 @@ class RecurrentGPT(nn.Module):
         """Logits (B, T, vocab_size) for every position and the mean cross-entropy over targets != -1
         (None without targets). num_steps: None (training: drawn by sample_num_steps; eval: mean_recurrence),
         an int r (gradients through the last min(r, backprop_depth) iterations) or a pair (n_no_grad, n_grad)."""
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         n_no_grad, n_grad = self.split_num_steps(num_steps)
-        rope = self.rope_at(slice(T))
+        rope = self.rope_at(slice(idx.size(1)))
         e = self.embed(idx, rope)
         s = self.initial_state(e)
         with torch.no_grad():  # truncated backprop: the first iterations build no graph, so memory stays flat
@@ -332,9 +358,9 @@ class RecurrentGPT(nn.Module):
 
     @torch.inference_mode()  # no autograd bookkeeping (version counters, views) in the per-token step
     def forward_cached(self, idx, cache, num_steps, exit_threshold=None, state=None):
-        """Run the next tokens idx (B, T) through the model, reading and writing the KVCache. Returns the
-        next-token logits (B, vocab_size), the iterations each row used (B,) and each row's final latent at
-        the last position, normed by ln_f as it enters the coda (B, 1, n_embd): the release warm-starts the
+        """Run the next tokens idx (B, T) through the model, reading and writing the KVCache. Returns the logits
+        at every new position (B, T, vocab_size), the iterations each row used (B,) and each row's final latent
+        at the last position, normed by ln_f as it enters the coda (B, 1, n_embd): the release warm-starts the
         next token from this normed state."""
         B, T = idx.shape
         rope = self.rope_at(cache.positions(T))
@@ -350,7 +376,8 @@ class RecurrentGPT(nn.Module):
             if active is None:
                 continue
             # adaptive exit: compare the next-token distributions of successive iterations, row by row
-            logp_prev, logp = logp, F.log_softmax(self.coda_head(s, rope, cache)[:, -1], dim=-1)
+            logits = self.coda_head(s, rope, cache)
+            logp_prev, logp = logp, F.log_softmax(logits[:, -1], dim=-1)
             if logp_prev is not None:
                 kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(previous || current)
                 exited = active & (kl < exit_threshold)
@@ -359,31 +386,39 @@ class RecurrentGPT(nn.Module):
                 if not active.any():
                     break
         cache.active = None
-        logits = self.coda_head(s, rope, cache)[:, -1] if exit_threshold is None else logp
+        if exit_threshold is None:
+            logits = self.coda_head(s, rope, cache)
         cache.advance(T, None if exit_threshold is None else steps)
         return logits, steps, self.ln_f(s[:, -1:])
 
     @torch.no_grad()  # not inference_mode: the tokens it returns stay ordinary tensors, fit to train on
-    def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_threshold=None,
-                 kv_budget=None, warm_start=False, return_steps=False, on_token=None):
+    def generate(self, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                 exit_threshold=None, kv_budget=None, warm_start=False, draft_steps=None, draft_tokens=None,
+                 return_steps=False, on_token=None):
         """Sample max_new_tokens tokens after idx (B, T), or after each prompt of a list of 1-D LongTensors
         (left-padded into one batch; each gets exactly what generating it alone gives). Returns the tokens,
         prompt included ((B, T + max_new_tokens), or a list for a list), and with return_steps also the
         iterations each new token used (B, max_new_tokens).
 
         num_steps       iterations of the core block per token (default mean_recurrence)
+        top_k, top_p, min_p  sample among the top_k most likely tokens, the fewest whose probabilities reach
+                        top_p, and those at least min_p times as likely as the most likely (sampling_probs)
         exit_threshold  adaptive exit: a row stops iterating once the KL divergence between the next-token
                         distributions of two successive iterations is below it (so >= 2 iterations); the
                         prompt exits too, judged at its last position
         kv_budget       at most this many iteration slots per core layer in the cache (KV-cache sharing)
         warm_start      start each token's state from the previous token's final state, normed by ln_f
                         (continuous CoT)
-        on_token        called with each new column of tokens (B, 1) as it is sampled (streaming)
+        draft_steps, draft_tokens  self-speculative decoding (speculate): the same tokens as plain decoding
+                        (greedy, with a zero s_0), or the same distribution (sampled), in fewer passes at num_steps
+        on_token        called with each new block of tokens (B, n) as it is sampled (streaming): one column,
+                        or the tokens one round of speculative decoding keeps
 
         The cache is allocated once for prompt + max_new_tokens, which must fit in block_size: unlike
         nanoGPT, which crops the context, this raises a ValueError (a crop would mean rebuilding the cache)."""
         num_steps = self.config.mean_recurrence if num_steps is None else num_steps
-        check_sampling(num_steps, max_new_tokens, temperature, top_k, exit_threshold, kv_budget)
+        check_sampling(num_steps, max_new_tokens, temperature, top_k, top_p, min_p, exit_threshold, kv_budget,
+                       warm_start, draft_steps, draft_tokens)
         prompts = list(idx) if isinstance(idx, (list, tuple)) else None
         if prompts is not None:
             if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
@@ -403,21 +438,48 @@ class RecurrentGPT(nn.Module):
         valid = None if prompts is None else F.pad(valid, (0, max_new_tokens), value=True)
         n_slots = min(kv_budget or num_steps, num_steps)  # one per iteration, or kv_budget shared ones
         cache = KVCache(self.config, B, T + max_new_tokens, n_slots, valid, idx.device, self.wte.weight.dtype)
-        steps = torch.zeros(B, max_new_tokens, dtype=torch.long, device=idx.device)
-        x, state = idx, None
-        for t in range(max_new_tokens):
-            logits, steps[:, t], last = self.forward_cached(x, cache, num_steps, exit_threshold, state)
-            state = last if warm_start else None
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            x = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat([idx, x], dim=1)
+        steps = torch.full((B, max_new_tokens), num_steps, dtype=torch.long, device=idx.device)
+        probs = lambda logits: sampling_probs(logits, temperature, top_k, top_p, min_p)
+        x, state, n = idx, None, 0  # x: the tokens not yet in the cache
+        while n < max_new_tokens:
+            n_draft = 0 if draft_steps is None or n == 0 else min(draft_tokens, max_new_tokens - n - 1)
+            if n_draft:
+                new = self.speculate(x, cache, num_steps, draft_steps, n_draft, probs)
+            else:
+                logits, steps[:, n], last = self.forward_cached(x, cache, num_steps, exit_threshold, state)
+                state = last if warm_start else None
+                new = torch.multinomial(probs(logits[:, -1]), num_samples=1)
+            idx, x, n = torch.cat([idx, new], dim=1), new[:, -1:], n + new.size(1)
             if on_token is not None:
-                on_token(x)
+                on_token(new)
         out = idx if prompts is None else [row[T - len(p):] for row, p in zip(idx, prompts)]
         return (out, steps) if return_steps else out
+
+    def speculate(self, x, cache, num_steps, draft_steps, n_draft, probs):
+        """One round of self-speculative decoding after the token x (B, 1): the model drafts n_draft tokens one
+        at a time at draft_steps iterations, then checks them all in one pass at num_steps, keeping each draft
+        with probability min(1, p/q) (p, q: its probability at num_steps and at draft_steps) and, at the first
+        rejection, drawing from max(0, p - q) normalized instead: the tokens are distributed as sampling at
+        num_steps (Leviathan et al. 2023), and are its tokens under greedy decoding. The rows share the cache's
+        position, so a batch keeps the prefix all its rows accepted. Returns 1 to n_draft + 1 new tokens (B, n)."""
+        start, tokens, q = cache.pos, [x], []
+        for _ in range(n_draft):  # a draft token reads the entries of full depth that the kept tokens left
+            q.append(probs(self.forward_cached(tokens[-1], cache, draft_steps)[0][:, -1]))
+            tokens.append(torch.multinomial(q[-1], num_samples=1))
+        cache.pos = start  # the verification pass overwrites every entry the drafts wrote
+        p = probs(self.forward_cached(torch.cat(tokens, 1), cache, num_steps)[0])  # (B, n_draft + 1, vocab)
+        drafts, q = torch.cat(tokens[1:], 1)[..., None], torch.stack(q, 1)
+        ratio = (p[:, :-1].gather(-1, drafts) / q.gather(-1, drafts))[..., 0]
+        accepted = torch.rand_like(ratio) < ratio  # (B, n_draft)
+        n = int(accepted.cumprod(1).sum(1).min())
+        if n == n_draft:  # every draft kept: the verifier's own next token comes free
+            last = torch.multinomial(p[:, -1], num_samples=1)
+        else:  # a row that rejected draft n draws from the residual; rows that accepted it keep it
+            keep = accepted[:, n, None]
+            residual = torch.where(keep, p[:, n], (p[:, n] - q[:, n]).clamp(min=0))
+            last = torch.where(keep, drafts[:, n], torch.multinomial(residual, num_samples=1))
+        cache.pos = start + n + 1  # roll back past the rejected drafts: later tokens overwrite their entries
+        return torch.cat([drafts[:, :n, 0], last], 1)
 
     @torch.no_grad()
     def trace(self, idx, num_steps, return_states=False):
@@ -448,7 +510,7 @@ class KVCache:
         self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
         self.k = torch.zeros(self.shape(config, batch_size, max_len, n_slots), device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.pos = 0         # tokens written so far
+        self.pos = 0         # tokens written so far (speculate moves it back past rejected drafts)
         self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
         self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
         self.n_pad = None if valid is None else (~valid).sum(1)
@@ -477,10 +539,13 @@ class KVCache:
         return self.k[row, :, :, :p + T], self.v[row, :, :, :p + T], self.attn_mask(T)
 
     def attn_mask(self, T):
-        """None (plain causal) without padding, else (B, 1, T, pos + T): causal and never onto padding."""
-        if self.valid is None:
+        """None where SDPA's own causal mask serves (a prefill, or one token), else (T, pos + T), or (B, 1, T,
+        pos + T) with padding: causal from position pos (the T tokens follow the cached ones), never onto padding."""
+        if self.valid is None and (self.pos == 0 or T == 1):
             return None
         causal = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(self.pos)
+        if self.valid is None:
+            return causal
         keys = self.valid[:, None, None, :self.pos + T]
         pad_query = ~self.valid[:, None, self.pos:self.pos + T, None]  # sees itself, so its softmax is finite
         return causal & (keys | pad_query)

@@ -5,11 +5,14 @@ Sample from a trained model at the depth you choose, or at several depths, one a
     python sample.py --out_dir=out-shakespeare-char --num_steps=4,32 --exit_threshold=1e-3
     python sample.py --out_dir=out-demo --start=">abcdefghij" --trace          # each iteration's guess
     python sample.py --init_from=huginn --huginn_dir=huginn-0125 --num_steps=4,8,32 --chat --start="Hi!"
+    python sample.py --out_dir=out-shakespeare-char --num_steps=32 --draft_steps=4 --draft_tokens=4
 
 --start is the prompt text, or FILE:path to read it from a file. One prompt at one depth streams its
 tokens as they come. After the samples, one line per depth: tokens/s, mean and max iterations per token
-(they differ under --exit_threshold), and KV-cache memory. On the shell game (a data set of rows) the
-answer after the prompt is the cup that holds the ball; it is printed greedily with the true cup beside it.
+(they differ under --exit_threshold), KV-cache memory, and with --draft_steps (self-speculative decoding)
+the share of drafts accepted and the tokens each pass at num_steps gave. On the shell game (a data set of
+rows) the answer after the prompt is the cup that holds the ball; it is printed greedily with the true cup
+beside it.
 """
 
 import json
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (WriteError, atomic_write, check_settings, configure, die, int_list, load_model, pick_dtype,
-                    setup_device)
+                    setup_device, speculation_stats)
 from model import KVCache, RecurrentGPT, check_sampling
 
 # ---- settings: defaults, overridden by config files and --key=value ----
@@ -34,10 +37,14 @@ num_samples = 1
 max_new_tokens = 200
 temperature = 0.8
 top_k = 200
+top_p = None                 # nucleus sampling: the fewest most likely tokens whose probabilities reach it
+min_p = None                 # only tokens at least min_p times as likely as the most likely
 num_steps = ""               # depths, e.g. "4" or "1,4,32"; "" = the model's mean_recurrence
 exit_threshold = None        # adaptive exit: KL between successive iterations, e.g. 1e-3
 kv_budget = None             # KV-cache sharing: at most this many iteration slots
 warm_start = False           # start each token from the previous token's final state
+draft_steps = None           # self-speculative decoding: draft at this depth, verify at num_steps
+draft_tokens = None          # ... this many tokens per verification pass
 chat = False                 # wrap --start in the release's chat format (init_from=huginn)
 trace = False                # print each iteration's prediction instead of sampling (the logit lens)
 trace_plot = ""              # with --trace: also draw it into this PNG file (needs matplotlib)
@@ -157,8 +164,8 @@ class Stream:
         self.decode, self.ids, self.shown = decode, [], 0
         print(decode(prompt), end="", flush=True)
 
-    def __call__(self, token):
-        self.ids.append(token[0, 0].item())
+    def __call__(self, tokens):
+        self.ids += tokens[0].tolist()
         text = end_of_turn(self.decode(self.ids))
         if not text.endswith("\ufffd"):
             print(text[self.shown:], end="", flush=True)
@@ -174,7 +181,8 @@ check_settings(config, [("num_samples", num_samples >= 1, ">= 1"), ("trace_posit
 depths = int_list("num_steps", num_steps) if num_steps else []
 try:
     for r in depths or [1]:
-        check_sampling(r, max_new_tokens, temperature, top_k, exit_threshold, kv_budget)
+        check_sampling(r, max_new_tokens, temperature, top_k, top_p, min_p, exit_threshold, kv_budget, warm_start,
+                       draft_steps, draft_tokens)
 except ValueError as e:
     die(str(e))
 device, device_type = setup_device(device)
@@ -184,7 +192,9 @@ torch.manual_seed(seed)
 model, meta, encode, decode = load()
 if chat and meta["tokenizer"] != "huginn":
     die("--chat is the released Huginn-0125's chat format: use it with --init_from=huginn or a model fine-tuned from it")
+rope = model.rope_table
 model = model.to(getattr(torch, dtype))
+model.rope_table = rope  # float32 as under training's autocast: bfloat16 would round the angles
 depths = depths or [model.config.mean_recurrence]
 ids = read_prompt(encode, model.config.block_size, meta["tokenizer"] == "huginn")
 idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -207,14 +217,22 @@ for r in depths:
     torch.manual_seed(seed)  # every depth draws the same random numbers
     if stream:
         print(f"---------- num_steps={r}, sample 1 ----------")
+    blocks, show = [], Stream(decode, ids) if stream else None
+
+    def on_token(tokens):  # the blocks of tokens generate() decides together: one per pass at num_steps
+        blocks.append(tokens.size(1))
+        if show:
+            show(tokens)
     t0 = time.time()
-    out, steps = model.generate(idx, max_new, num_steps=r, temperature=temperature, top_k=top_k,
-                                exit_threshold=exit_threshold, kv_budget=kv_budget, warm_start=warm_start,
-                                return_steps=True, on_token=Stream(decode, ids) if stream else None)
+    out, steps = model.generate(idx, max_new, num_steps=r, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, exit_threshold=exit_threshold, kv_budget=kv_budget,
+                                warm_start=warm_start, draft_steps=draft_steps, draft_tokens=draft_tokens,
+                                return_steps=True, on_token=on_token)
     elapsed = time.time() - t0
     shape = KVCache.shape(model.config, len(idx), idx.size(1) + max_new, min(kv_budget or r, r))
     cache = 2 * math.prod(shape) * torch.finfo(model.wte.weight.dtype).bits // 8
-    stats.append((r, out.numel() - idx.numel(), elapsed, steps.float().mean().item(), steps.max().item(), cache))
+    stats.append((r, out.numel() - idx.numel(), elapsed, steps.float().mean().item(), steps.max().item(), cache,
+                  speculation_stats(blocks, draft_tokens) if draft_steps else None))
     if rows:
         truth = f" (true cup: {answers[-1]})" if answers and answers[-1] else ""
         print(f"num_steps={r:<3} answer: cup {decode(out[0, -1:].tolist())}{truth}")
@@ -225,6 +243,8 @@ for r in depths:
     for k in range(len(out)):
         print(f"---------- num_steps={r}, sample {k + 1} ----------")
         print(end_of_turn(decode(out[k].tolist()), start=len(decode(ids))))
-print(f"{'num_steps':>9} {'tokens/s':>9} {'mean iters':>10} {'max iters':>9} {'KV cache':>10}")
-for r, n_tokens, elapsed, mean_steps, max_steps, cache in stats:
-    print(f"{r:>9} {n_tokens / elapsed:>9.1f} {mean_steps:>10.2f} {max_steps:>9} {cache / 2**20:>8.2f}MB")
+print(f"{'num_steps':>9} {'tokens/s':>9} {'mean iters':>10} {'max iters':>9} {'KV cache':>10}"
+      + (f" {'accepted':>8} {'tokens/pass':>11}" if draft_steps else ""))
+for r, n_tokens, elapsed, mean_steps, max_steps, cache, spec in stats:
+    print(f"{r:>9} {n_tokens / elapsed:>9.1f} {mean_steps:>10.2f} {max_steps:>9} {cache / 2**20:>8.2f}MB"
+          + (f" {100 * spec[0]:>7.1f}% {spec[1]:>11.2f}" if spec else ""))

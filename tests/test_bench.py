@@ -37,7 +37,8 @@ def test_estimate_flops_matches_flop_counter(layers, num_steps):
 TINY = ["--vocab_size=64", "--block_size=32", "--n_embd=32", "--n_head=2", "--intermediate_size=64",
         "--mean_recurrence=2", "--backprop_depth=2", "--batch_size=2", "--warmup_steps=1", "--timed_steps=2",
         "--memory_depths=2,8", "--decode_batches=1,2", "--decode_depths=1,3", "--prompt_len=4",
-        "--decode_tokens=4", "--cache_tokens=4", "--mm_size=128", "--copy_mib=4"]
+        "--decode_tokens=4", "--cache_tokens=4", "--spec_iters=2", "--spec_tokens=6", "--draft_depths=1,2",
+        "--draft_lengths=2", "--mm_size=128", "--copy_mib=4"]
 
 
 def run_bench(tmp_path, *flags):
@@ -67,6 +68,11 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     assert 0 < ckpt["predicted_rise_bytes"] < no_ckpt["predicted_rise_bytes"]
     assert [(row["batch"], row["num_steps"]) for row in result["decode"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(row["tokens_per_s"] > 0 for row in result["decode"]) and result["cache"]["speedup"] > 0
+    spec = result["speculative"]
+    assert [(row["draft_steps"], row["draft_tokens"]) for row in spec["rows"]] == [(1, 2), (2, 2)]
+    assert all(row["same_tokens"] and 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_pass"] <= 3
+               for row in spec["rows"])
+    assert spec["best"] in spec["rows"] and spec["sampled"]["tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("flag, message", [("--sections=train,fly", "sections must be"),

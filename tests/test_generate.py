@@ -239,3 +239,193 @@ def test_eval_reads_each_depth_as_generate_gives_it(tmp_path):
         all_steps.append(steps)
     all_steps = torch.cat(all_steps)
     assert all_steps.min() < all_steps.max()  # games exited at different iterations: the replay was exercised
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "none"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_several_tokens_after_a_prefill_equal_one_full_forward(pos_encoding, padded):
+    """forward_cached of T new tokens on a cache that holds k attends causally from position k: every new
+    position's logits are those of one forward over all k + T tokens (a left-padded row: over the row alone)."""
+    model = build(pos_encoding=pos_encoding)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    n_pad = [0, 4] if padded else [0, 0]
+    valid = torch.arange(12) >= torch.tensor(n_pad)[:, None]
+    cache = model_module.KVCache(model.config, 2, 12, 3, valid if padded else None, dtype=torch.float64)
+    model.forward_cached(idx[:, :5], cache, 3)
+    logits = model.forward_cached(idx[:, 5:], cache, 3)[0]
+    for b in range(2):
+        full, _ = model(idx[b:b + 1, n_pad[b]:], num_steps=3)
+        torch.testing.assert_close(logits[b], full[0, 5 - n_pad[b]:])
+
+
+def test_sampling_probs_cut_to_top_p_and_min_p():
+    """top_p keeps the fewest most likely tokens whose probabilities reach it, min_p those at least min_p
+    times as likely as the most likely, top_k the k most likely; what is kept is renormalized."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    probs = lambda **kw: model_module.sampling_probs(logits, **kw)
+    torch.testing.assert_close(probs(top_p=0.8), torch.tensor([0.625, 0.375, 0, 0]))
+    torch.testing.assert_close(probs(top_p=0.81), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    torch.testing.assert_close(probs(min_p=0.2), torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95)
+    torch.testing.assert_close(probs(top_k=1, top_p=1.0), torch.tensor([1.0, 0, 0, 0]))
+    root = logits.exp().sqrt()
+    torch.testing.assert_close(probs(temperature=2.0), root / root.sum())
+
+
+def blocks_of(model, *args, **kw):
+    """generate()'s output and the sizes of the blocks it streamed (one per pass at num_steps)."""
+    blocks = []
+    out = model.generate(*args, **kw, on_token=lambda x: blocks.append(x.size(1)))
+    return out, blocks
+
+
+def drafting_model():
+    """A model whose drafts at a low depth are sometimes the tokens of num_steps=8 and sometimes not (the trained
+    toy model's are always right: it has learned its text by one iteration)."""
+    model = build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kv_budget", [None, 3])
+@pytest.mark.parametrize("draft_steps, draft_tokens", [(1, 3), (2, 6), (4, 1)])
+def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(kv_budget, draft_steps, draft_tokens):
+    """Drafting at a low depth and verifying at num_steps gives plain greedy decoding's tokens, token for token,
+    for one prompt and for a batch of prompts of different lengths, with and without KV-cache sharing, drafts
+    kept and drafts rejected; the iterations reported are num_steps for every token."""
+    model, g = drafting_model(), torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 64, (1, 9), generator=g)
+    prompts = [torch.randint(0, 64, (n,), generator=g) for n in (1, 9, 4)]
+    for x in (idx, prompts):
+        plain = model.generate(x, 30, num_steps=8, top_k=1, kv_budget=kv_budget)
+        (fast, steps), blocks = blocks_of(model, x, 30, num_steps=8, top_k=1, kv_budget=kv_budget,
+                                          draft_steps=draft_steps, draft_tokens=draft_tokens, return_steps=True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, fast)) and (steps == 8).all()
+        assert blocks[0] == 1 and sum(blocks) == 30 and max(blocks) <= draft_tokens + 1
+        if x is idx:  # some rounds kept a draft, some rejected one
+            assert max(blocks) > 1 and min(blocks[1:-1]) <= draft_tokens
+
+
+def test_cache_after_a_rejected_draft_equals_plain_decoding(monkeypatch):
+    """After every round of speculative decoding, rejected drafts included, the cache up to its position holds
+    what plain decoding's holds at that position: later tokens read exactly the entries plain decoding wrote."""
+    caches = []
+
+    class RecordingCache(model_module.KVCache):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(model_module, "KVCache", RecordingCache)
+    model, snapshots = drafting_model(), [{}, {}]
+
+    def snapshot(k):
+        def record(x):
+            c = caches[-1]
+            snapshots[k][c.pos] = (c.k[..., :c.pos, :].clone(), c.v[..., :c.pos, :].clone(), x.size(1))
+        return record
+
+    idx = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    model.generate(idx, 24, num_steps=8, top_k=1, on_token=snapshot(0))
+    model.generate(idx, 24, num_steps=8, top_k=1, draft_steps=2, draft_tokens=6, on_token=snapshot(1))
+    assert any(n < 7 for *_, n in list(snapshots[1].values())[1:-1])  # rounds that rejected a draft
+    assert snapshots[1].keys() < snapshots[0].keys()
+    for pos, (k, v, _) in snapshots[1].items():
+        torch.testing.assert_close(k, snapshots[0][pos][0])
+        torch.testing.assert_close(v, snapshots[0][pos][1])
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_p=0.9, min_p=0.05)])
+def test_sampled_speculative_decoding_has_the_distribution_of_plain_sampling(monkeypatch, sampling):
+    """The second token of 4,000 rows sampled speculatively (drafted at 1 iteration, checked at 4) follows plain
+    sampling's distribution at 4 (a chi-square test over the vocabulary); accepting every draft instead, the
+    test sees the draft's distribution."""
+    torch.manual_seed(0)
+    model = RecurrentGPT(tiny_config(vocab_size=8, state_init="zero")).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    prompt = torch.tensor([[1, 5, 2]])
+    # the exact distribution of the second token: sum over the first of p(first) p(second | first)
+    logits, _ = model(torch.cat([prompt.expand(8, 3), torch.arange(8)[:, None]], 1), num_steps=4)
+    probs = model_module.sampling_probs(logits[:, -2:], **sampling)  # (first token, position, vocab)
+    exact = probs[0, 0] @ probs[:, 1]
+
+    def chi_square():
+        torch.manual_seed(1)
+        out = model.generate(prompt.expand(4000, 3), 3, num_steps=4, draft_steps=1, draft_tokens=1, **sampling)
+        counts = torch.bincount(out[:, 4], minlength=8).double()
+        seen = exact > 0
+        assert counts[~seen].sum() == 0
+        return ((counts[seen] - 4000 * exact[seen]) ** 2 / (4000 * exact[seen])).sum().item()
+
+    assert chi_square() < 30  # the 0.9999 quantile of chi-square with 7 degrees of freedom is 29.9
+    monkeypatch.setattr(torch, "rand_like", torch.zeros_like)  # every draft kept (the ratio p/q is > 0)
+    assert chi_square() > 100
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(draft_steps=0, draft_tokens=2), "draft_steps"),
+    (dict(draft_steps=2, draft_tokens=0), "draft_tokens"),
+    (dict(draft_steps=2), "draft_tokens"),
+    (dict(draft_steps=2, draft_tokens=2, exit_threshold=1e-3), "exit_threshold or warm_start"),
+    (dict(draft_steps=2, draft_tokens=2, warm_start=True), "exit_threshold or warm_start"),
+])
+def test_bad_sampling_and_speculation_arguments(kwargs, match):
+    """Each gets one ValueError naming it, speculative decoding's unsupported combinations included."""
+    with pytest.raises(ValueError, match=match):
+        build().generate(torch.zeros(1, 3, dtype=torch.long), 4, **kwargs)
+
+
+@pytest.fixture
+def toy_checkpoint(tmp_path, trained_toy_model):
+    """trained_toy_model saved as train.py saves a character model, in tmp_path/out."""
+    from dataclasses import asdict
+
+    from common import save_checkpoint
+    from conftest import TOY_ITOS
+    model, _ = trained_toy_model
+    (tmp_path / "out").mkdir()
+    meta = {"tokenizer": "char", "itos": TOY_ITOS, "layout": "stream"}
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "meta": meta},
+                    str(tmp_path / "out/ckpt.pt"))
+    return tmp_path
+
+
+def test_sample_py_in_bfloat16_keeps_the_rope_table_in_float32(toy_checkpoint, monkeypatch):
+    """sample.py --dtype=bfloat16 casts the weights, not the RoPE table: training under autocast rotated by
+    the float32 table, and bfloat16 would round its angles (at position 100, by up to 0.4 radians)."""
+    from conftest import run_main
+    seen = []
+    original = RecurrentGPT.generate
+
+    def recording(self, *args, **kw):
+        seen.append((self.wte.weight.dtype, self.rope_table.dtype))
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(RecurrentGPT, "generate", recording)
+    assert run_main("sample.py", ["--out_dir=out", "--start=1+2=", "--max_new_tokens=4", "--dtype=bfloat16",
+                                  "--device=cpu"], toy_checkpoint) == 0
+    assert seen == [(torch.bfloat16, torch.float32)]
+
+
+def test_sample_py_reports_speculative_decoding(toy_checkpoint, capsys):
+    """--draft_steps and --draft_tokens: per depth, tokens/s beside the acceptance rate and the tokens each
+    verification pass gave, for greedy and sampled decoding."""
+    from conftest import run_main
+    for top_k in (1, 20):
+        assert run_main("sample.py", ["--out_dir=out", "--start=1+2=3;4+", "--max_new_tokens=40", "--num_steps=4,8",
+                                      "--draft_steps=1", "--draft_tokens=4", f"--top_k={top_k}", "--top_p=0.95",
+                                      "--device=cpu"], toy_checkpoint) == 0
+        lines = capsys.readouterr().out.split("tokens/pass")[1].strip().splitlines()
+        assert [line.split()[0] for line in lines] == ["4", "8"]
+        for line in lines:
+            acceptance, per_pass = float(line.split()[-2].rstrip("%")) / 100, float(line.split()[-1])
+            assert 0 < acceptance <= 1 and 1 < per_pass <= 5

@@ -135,8 +135,11 @@ def test_unknown_state_init_set_after_build_raises():
 
 
 def test_too_long_sequence_raises():
-    with pytest.raises(ValueError, match="block_size"):
+    """forward and the logit lens (trace) refuse a sequence longer than block_size with one ValueError."""
+    with pytest.raises(ValueError, match="sequence length 33 exceeds block_size 32"):
         build()(torch.zeros(1, 33, dtype=torch.long), num_steps=1)
+    with pytest.raises(ValueError, match="sequence length 33 exceeds block_size 32"):
+        build().trace(torch.zeros(1, 33, dtype=torch.long), 2)
 
 
 def test_architecture_facts():
