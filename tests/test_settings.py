@@ -61,8 +61,8 @@ model.RecurrentGPT.forward = slow
 
 @pytest.mark.parametrize("when", ["before the evaluation", "during the evaluation"])
 def test_sigterm_saves_at_once_whatever_evaluation_is_due(shellgame_dir, tmp_path, when):
-    """SIGTERM in the step before an evaluation of minutes is due, or in that evaluation: the checkpoint of the
-    step is written within seconds, and the run exits 130."""
+    """SIGTERM in the step before an evaluation of minutes is due (caught at that step's end or the next's), or in
+    that evaluation: the checkpoint of the step is written within seconds, no evaluation reported, exit 130."""
     (tmp_path / "slow").mkdir()
     (tmp_path / "slow/sitecustomize.py").write_text(SLOW_EVAL)
     env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'slow'}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
@@ -78,7 +78,8 @@ def test_sigterm_saves_at_once_whatever_evaluation_is_due(shellgame_dir, tmp_pat
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and time.time() - t0 < 15, (time.time() - t0, err[-1500:])
-    assert read_checkpoint(str(shellgame_dir / "out/ckpt.pt"))["iter_num"] == 3 and "eval iter 3" not in out
+    saved = read_checkpoint(str(shellgame_dir / "out/ckpt.pt"))["iter_num"]
+    assert saved in ((2, 3) if when == "before the evaluation" else (3,)) and "eval iter 3" not in out, saved
 
 
 @pytest.mark.parametrize("where, needles", [
