@@ -7,7 +7,7 @@ tokenizer, dtype, layout, and what reproduces the set). Nothing here needs the n
     python prepare_data.py --input=notes.txt                # any text file, GPT-2 BPE (tiktoken)
     python prepare_data.py --input=corpus/ --tokenizer=char # a folder (or a glob, "corpus/*.jsonl") of .txt/.jsonl
     python prepare_data.py --dataset=shakespeare --tokenizer=char
-    python prepare_data.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_tokens=10**9
+    python prepare_data.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_tokens=1_000_000_000
     python prepare_data.py --input=notes.txt --tokenizer=huginn --huginn_dir=huginn-0125   # to fine-tune the release
     python prepare_data.py --input=chat.jsonl --tokenizer=huginn --huginn_dir=huginn-0125  # supervised chat data
 
@@ -183,13 +183,17 @@ def records(path, chat):
 
 
 def is_chat(files):
-    """Whether the input is chat data: its first .jsonl record is an example (records() checks the rest)."""
+    """Whether the input is chat data: the first record of its first .jsonl is an example (records() checks all)."""
     path = next((f for f in files if f.endswith(".jsonl")), None)
-    with open(path, "rb") if path else contextlib.nullcontext([]) as f:
-        line = next((line for line in f if line.strip()), b"{}")
-    with contextlib.suppress(ValueError):
-        return isinstance(json.loads(line), dict) and "response" in json.loads(line)
-    return False
+    if path is None:
+        return False
+    with open(path, "rb") as f:
+        line = next((line for line in f if line.strip()), b"")
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return False  # records() names the line
+    return isinstance(r, dict) and "response" in r
 
 
 def file_blocks(path):
@@ -229,22 +233,23 @@ def hf_texts():
             "--hf_dataset=path/to/folder of parquet or json files", code=1)
 
 
-def download():
+def download(out):
+    """Tiny Shakespeare, saved as out/input.txt (then read as any text file)."""
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=15) as response:
-            return response.read().decode("utf-8")
+            text = response.read()
     except OSError as e:
         die(f"could not download Tiny Shakespeare ({e.__class__.__name__}): offline? Save the text yourself "
             "and run python prepare_data.py --input=path/to/file.txt", code=1)
+    atomic_write(os.path.join(out, "input.txt"), text)
+    return [os.path.join(out, "input.txt")]
 
 
 def documents(files):
-    """Each document of the text input as blocks of its text: a file, a .jsonl record, a record of the Hugging
-    Face set, or the downloaded text. A generator: nothing is read before it is needed."""
+    """Each document of the text input as blocks of its text: a file, a record of a .jsonl or of the Hugging Face
+    data set. A generator: nothing is read before it is needed."""
     if hf_dataset:
         yield from ([text] for text in hf_texts())
-    elif not files:
-        yield [download()]
     for path in files:
         if path.endswith(".jsonl"):
             yield from ([r["text"]] for r in records(path, chat=False))
@@ -407,17 +412,18 @@ def prepare_chat(out, files):
                 source=dict(input=input, files=len(files)), examples=dict(cut=cut, dropped=dropped))
 
 
-def write_stream(out, files, worker_args, dtype):
+def write_stream(out, files, worker_args):
     """Tokenize the documents into out/train.bin and out/val.bin as the ids come, each file renamed into place
-    whole (atomic_write). Returns the documents and tokens of each split, the bytes of text, and where in
-    train the last document begins."""
+    whole (atomic_write). Shows a bar in MiB of text with tokens/s, or when not on a terminal a line every 10 s.
+    Returns {split: its documents and tokens}, the bytes of text, where in train its last document begins, and
+    the seconds taken."""
     counts = {s: dict(documents=0, tokens=0) for s in ("train", "val")}
-    state = dict(text_bytes=0, last_start=0)
-    total = sum(os.path.getsize(f) for f in files) or None
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1 << 20, disable=None)
-    t0 = shown = time.time()
+    done = dict(text_bytes=0, last_start=0, shown=time.time())
+    bar = tqdm(total=sum(map(os.path.getsize, files)) or None, unit="B", unit_scale=True, unit_divisor=1024,
+               disable=None)
+    t0 = time.time()
 
-    def run(writers):
+    def write(writers):
         work = tasks(documents(files), np.random.default_rng(seed))
         with contextlib.closing(tokenized(work, worker_args)) as results:
             for text_bytes, pieces_ids in results:
@@ -425,59 +431,57 @@ def write_stream(out, files, worker_args, dtype):
                     written = counts["train"]["tokens"] + counts["val"]["tokens"]
                     if max_tokens and written >= max_tokens:
                         return
-                    ids = ids[:max_tokens - written] if max_tokens else ids
                     if first and split == "train":
-                        state["last_start"] = counts["train"]["tokens"]
+                        done["last_start"] = counts["train"]["tokens"]
+                    ids = ids[:max_tokens - written] if max_tokens else ids
                     writers[split].write(ids.tobytes())
                     counts[split]["documents"] += first
                     counts[split]["tokens"] += len(ids)
-                state["text_bytes"] += text_bytes
-                tokens, elapsed = counts["train"]["tokens"] + counts["val"]["tokens"], time.time() - t0
-                bar.set_postfix_str(f"{tokens:,} tokens, {tokens / elapsed:,.0f} tokens/s", refresh=False)
+                done["text_bytes"] += text_bytes
+                rate = (counts["train"]["tokens"] + counts["val"]["tokens"]) / (time.time() - t0)
+                bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
                 bar.update(text_bytes)
-                nonlocal shown
-                if bar.disable and time.time() - shown >= 10:  # not a terminal: a plain line now and then
-                    shown = time.time()
-                    print(f"tokenized {state['text_bytes'] / 2**20:,.1f} MiB of text, {tokens:,} tokens "
-                          f"({tokens / elapsed:,.0f} tokens/s)", flush=True)
+                if bar.disable and time.time() - done["shown"] >= 10:
+                    done["shown"] = time.time()
+                    print(f"tokenized {done['text_bytes'] / 2**20:,.1f} MiB of text, {rate:,.0f} tokens/s", flush=True)
 
     path = {s: os.path.join(out, f"{s}.bin") for s in ("train", "val")}
-    atomic_write(path["train"], lambda train: atomic_write(path["val"], lambda val: run(dict(train=train, val=val))))
+    atomic_write(path["train"], lambda train: atomic_write(path["val"], lambda val: write(dict(train=train, val=val))))
     bar.close()
-    return counts, state["text_bytes"], state["last_start"], time.time() - t0
+    return counts, done["text_bytes"], done["last_start"], time.time() - t0
 
 
 def move_to_val(out, start, dtype):
     """Make train's tokens from start on the validation split: val.bin written whole, then train.bin cut there
     (until meta.json is written the set is incomplete, so a crash in between leaves nothing that train.py reads)."""
-    train_path = os.path.join(out, "train.bin")
-    ids = np.memmap(train_path, dtype=dtype, mode="r")
-    atomic_write(os.path.join(out, "val.bin"),
-                 lambda f: [f.write(ids[i:i + CHUNK].tobytes()) for i in range(start, len(ids), CHUNK)])
-    del ids  # unmapped before the cut (Windows cannot cut a mapped file)
+    train_path, cut = os.path.join(out, "train.bin"), start * np.dtype(dtype).itemsize
     try:
-        os.truncate(train_path, start * np.dtype(dtype).itemsize)
+        with open(train_path, "rb") as f:
+            f.seek(cut)
+            atomic_write(os.path.join(out, "val.bin"), lambda val: [val.write(b) for b in iter(lambda: f.read(CHUNK), b"")])
+        os.truncate(train_path, cut)
     except OSError as e:
         raise WriteError(f"could not cut {train_path}: {e.strerror}") from None
 
 
 def prepare_text(out):
-    files = input_files() if input else []
+    files = input_files() if input else [] if hf_dataset else download(out)
     if is_chat(files):
         return prepare_chat(out, files)
     source = (dict(hf_dataset=hf_dataset, hf_config=hf_config, hf_split=hf_split, hf_text_field=hf_text_field)
               if hf_dataset else dict(input=input, files=len(files)) if input else dict(url=SHAKESPEARE_URL))
     encoder, bos, meta = text_encoder(files)
     dtype = "uint16" if meta["vocab_size"] <= 65536 else "uint32"
-    print(f"text: {len(files) or 1 if not hf_dataset else 'streamed'} input(s), {num_proc} tokenizing processes, "
-          f"documents drawn for val with seed {seed} (val_fraction {val_fraction})")
-    counts, text_bytes, last_start, elapsed = write_stream(out, files, (encoder, bos, dtype), dtype)
+    print(f"text: {hf_dataset or f'{len(files)} files'}, {num_proc} tokenizing processes; documents drawn for "
+          f"val with seed {seed}")
+    counts, text_bytes, last_start, elapsed = write_stream(out, files, (encoder, bos, dtype))
     train, val = counts["train"], counts["val"]
-    if not val["documents"] and train["tokens"]:  # no document was drawn for val: the last one, or a single one's tail
-        start = last_start if train["documents"] > 1 else train["tokens"] - int(train["tokens"] * val_fraction)
+    if not val["documents"] and train["tokens"]:  # none drawn for val: the last document goes, or a single one's tail
+        several = train["documents"] > 1
+        start = last_start if several else train["tokens"] - int(train["tokens"] * val_fraction)
         move_to_val(out, start, dtype)
-        val["tokens"], train["tokens"] = train["tokens"] - start, start
-        val["documents"], train["documents"] = int(train["documents"] > 1), train["documents"] - (train["documents"] > 1)
+        val.update(documents=int(several), tokens=train["tokens"] - start)
+        train.update(documents=train["documents"] - several, tokens=start)
     if val["tokens"] < 2 or train["tokens"] < 2:
         die(f"{train['tokens'] + val['tokens']} tokens are too few to split into train and val: give a longer text")
     tokens = train["tokens"] + val["tokens"]
