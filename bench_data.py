@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from huginn import bytes_to_unicode
 # ---- settings: defaults, overridden by config files and --key=value ----
 sections = "speed,memory"
 speed_mib = 64               # corpus of the speed section
+repeats = 2                  # speed runs of each process count (the best is reported)
 num_proc = 2                 # processes compared with one
 memory_mib = "100,1024"      # corpora of the memory section: peak RSS of the largest within 1.5x of the smallest's
 memory_tokenizer = "char"    # "char" or "huginn" (the BPE above) for the memory section
@@ -108,10 +110,11 @@ def tree_rss(pid):
 
 
 def prepare(corpus, name, procs, *args):
-    """prepare_data.py on corpus: (its tokenizing MiB/s and tokens/s as it prints them, wall seconds, peak RSS of
-    its processes together, sha256 of train.bin and val.bin)."""
+    """prepare_data.py on corpus: its tokenizing MiB/s and tokens/s as it prints them, wall seconds, CPU seconds
+    of its processes, their peak RSS together, the sha256 of train.bin and val.bin, and the load average before."""
     cmd = [sys.executable, os.path.join(ROOT, "prepare_data.py"), f"--input={corpus}", f"--name={name}",
            f"--data_dir={work_dir}/data", f"--num_proc={procs}", *args]
+    load, cpu = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_CHILDREN)
     t0, peak = time.time(), 0
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=ROOT))
@@ -123,6 +126,8 @@ def prepare(corpus, name, procs, *args):
     if proc.returncode:
         die(f"prepare_data.py failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}", code=1)
     wall = time.time() - t0
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime
     rates = re.search(r"\(([\d,.]+) MiB/s, ([\d,]+) tokens/s\)", out)
     digest = hashlib.sha256()
     for split in ("train", "val"):
@@ -130,7 +135,13 @@ def prepare(corpus, name, procs, *args):
             while block := f.read(1 << 24):
                 digest.update(block)
     shutil.rmtree(f"{work_dir}/data/{name}")
-    return float(rates[1].replace(",", "")), int(rates[2].replace(",", "")), wall, peak, digest.hexdigest()
+    return dict(mib_s=float(rates[1].replace(",", "")), tokens_s=int(rates[2].replace(",", "")), wall=wall, cpu=cpu,
+                peak=peak, sha256=digest.hexdigest(), load=load)
+
+
+def line(run):
+    return (f"{run['mib_s']:.2f} MiB/s, {run['tokens_s']:,} tokens/s tokenizing; {run['wall']:.1f} s in all, "
+            f"{run['cpu']:.1f} CPU s, peak RSS {run['peak'] / 2**20:,.0f} MiB (load average {run['load']:.1f})")
 
 
 if __name__ == "__main__":
@@ -138,6 +149,7 @@ if __name__ == "__main__":
     chosen = sections.split(",")
     check_settings(config, [("sections", set(chosen) <= {"speed", "memory"}, "a choice of speed, memory"),
                             ("num_proc", num_proc >= 2, ">= 2"), ("speed_mib", speed_mib >= 1, ">= 1"),
+                            ("repeats", repeats >= 1, ">= 1"),
                             ("memory_tokenizer", memory_tokenizer in ("char", "huginn"), "char or huginn")])
     sizes = [int(m) for m in memory_mib.split(",")]
     print(f"bench_data: {json.dumps(config)}; {os.cpu_count()} cores, {sys.platform}")
@@ -148,25 +160,28 @@ if __name__ == "__main__":
     try:
         if "speed" in chosen:
             write_corpus(f"{work_dir}/speed", speed_mib, words, rng)
-            print(f"speed: {speed_mib} MiB corpus, the release-format BPE of {n_vocab:,} ids")
-            runs = {p: prepare(f"{work_dir}/speed", "speed", p, *huginn) for p in (1, num_proc)}
-            for p, (mib_s, tok_s, wall, peak, digest) in runs.items():
-                print(f"  num_proc={p}: {mib_s:.2f} MiB/s, {tok_s:,} tokens/s tokenizing; {wall:.1f} s in all, "
-                      f"peak RSS {peak / 2**20:,.0f} MiB, sha256 {digest[:16]}")
-            print(f"  speedup {runs[num_proc][1] / runs[1][1]:.2f}x; ids equal: {runs[1][4] == runs[num_proc][4]}")
+            print(f"speed: {speed_mib} MiB corpus, the release-format BPE of {n_vocab:,} ids, best of {repeats}")
+            runs = {p: [] for p in (1, num_proc)}
+            for _ in range(repeats):  # alternated, so that a busy moment does not fall on one side only
+                for p in runs:
+                    runs[p].append(prepare(f"{work_dir}/speed", "speed", p, *huginn))
+            best = {p: max(r, key=lambda run: run["tokens_s"]) for p, r in runs.items()}
+            for p, run in best.items():
+                print(f"  num_proc={p}: {line(run)}")
+            print(f"  speedup {best[num_proc]['tokens_s'] / best[1]['tokens_s']:.2f}x; ids equal: "
+                  f"{len({run['sha256'] for r in runs.values() for run in r}) == 1}")
             shutil.rmtree(f"{work_dir}/speed")
         if "memory" in chosen:
             args = huginn if memory_tokenizer == "huginn" else ["--tokenizer=char"]
             peaks = {}
             for mib in sizes:
                 write_corpus(f"{work_dir}/mem", mib, words, rng)
-                runs = {p: prepare(f"{work_dir}/mem", "mem", p, *args) for p in (num_proc, 1)} if mib == sizes[-1] \
-                    else {num_proc: prepare(f"{work_dir}/mem", "mem", num_proc, *args)}
-                mib_s, tok_s, wall, peaks[mib], digest = runs[num_proc]
-                print(f"memory: {mib:,} MiB corpus ({memory_tokenizer}), num_proc={num_proc}: peak RSS "
-                      f"{peaks[mib] / 2**20:,.0f} MiB, {mib_s:.1f} MiB/s, {tok_s:,} tokens/s, {wall:.1f} s"
-                      + (f"; num_proc=1: peak RSS {runs[1][3] / 2**20:,.0f} MiB, {runs[1][2]:.1f} s, ids equal: "
-                         f"{runs[1][4] == digest}" if 1 in runs else ""))
+                run = prepare(f"{work_dir}/mem", "mem", num_proc, *args)
+                peaks[mib] = run["peak"]
+                print(f"memory: {mib:,} MiB corpus ({memory_tokenizer}), num_proc={num_proc}: {line(run)}")
+                if mib == sizes[-1]:
+                    one = prepare(f"{work_dir}/mem", "mem", 1, *args)
+                    print(f"  num_proc=1: {line(one)}; ids equal: {one['sha256'] == run['sha256']}")
                 shutil.rmtree(f"{work_dir}/mem")
             print(f"  peak RSS at {sizes[-1]:,} MiB / at {sizes[0]:,} MiB: {peaks[sizes[-1]] / peaks[sizes[0]]:.2f}x")
     finally:

@@ -36,11 +36,11 @@ test_<n>_targets.bin (rows of exactly n + 1 tokens).
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import glob
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import time
@@ -260,7 +260,7 @@ def documents(files):
 def pieces(blocks):
     """The text of blocks (strings) in pieces of about CHUNK characters, each cut before a space that follows a
     non-space and precedes a letter: a BPE's regex splits there too, so the pieces tokenize as the whole text
-    does. At most a piece and a block are held."""
+    does. At most a piece and a block are held (a text with no such place at all, one endless word, is whole)."""
     text = ""
     for block in blocks:
         text += block
@@ -317,14 +317,19 @@ def tokenized(work, worker_args):
         start_worker(*worker_args)
         yield from map(encode_task, itertools.chain(first, work))
         return
-    with multiprocessing.Pool(num_proc, start_worker, worker_args) as pool:
+    with concurrent.futures.ProcessPoolExecutor(num_proc, initializer=start_worker, initargs=worker_args) as pool:
         waiting = collections.deque()
-        for task in itertools.chain(first, work):
-            waiting.append(pool.apply_async(encode_task, (task,)))
-            if len(waiting) >= 2 * num_proc:
-                yield waiting.popleft().get()
-        while waiting:
-            yield waiting.popleft().get()
+        try:
+            for task in itertools.chain(first, work):
+                waiting.append(pool.submit(encode_task, task))
+                if len(waiting) >= 2 * num_proc:
+                    yield waiting.popleft().result()
+            while waiting:
+                yield waiting.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool:
+            die(f"a tokenizing process died (out of memory?): lower --num_proc (now {num_proc})", code=1)
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an early stop (max_tokens, an error), drop the queued tasks
 
 
 def text_encoder(files):

@@ -106,13 +106,12 @@ def test_ids_are_the_same_whatever_num_proc(tmp_path):
     (tmp_path / "c/big.txt").write_text(text(rng, 400_000))  # about 2.5 MiB: three pieces
     for i in range(40):
         (tmp_path / f"c/{i:02d}.txt").write_text(text(rng, 2000))
-    outs = []
-    for n in (1, 2):
-        run = run_script("prepare_data.py", f"--input={tmp_path / 'c'}", "--tokenizer=huginn",
-                         f"--huginn_dir={tmp_path}", f"--num_proc={n}", f"--name=p{n}", cwd=tmp_path)
-        assert run.returncode == 0, run.stderr
-        assert "tokens/s" in run.stdout and "train.bin" in run.stdout
-        outs.append([(tmp_path / f"data/p{n}/{s}.bin").read_bytes() for s in ("train", "val")])
+    args = [f"--input={tmp_path / 'c'}", "--tokenizer=huginn", f"--huginn_dir={tmp_path}"]
+    prepare(tmp_path, *args, "--num_proc=1", "--name=p1")
+    run = run_script("prepare_data.py", *args, "--num_proc=2", "--name=p2", cwd=tmp_path)  # a fresh process forks
+    assert run.returncode == 0, run.stderr
+    assert "tokens/s" in run.stdout and "train.bin" in run.stdout
+    outs = [[(tmp_path / f"data/{name}/{s}.bin").read_bytes() for s in ("train", "val")] for name in ("p1", "p2")]
     assert outs[0] == outs[1] and len(outs[0][0]) > 2 << 20
 
 
@@ -202,3 +201,12 @@ def test_bad_input_gives_one_line(tmp_path, capsys, make, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "data/bad/meta.json").exists() and not list((tmp_path / "data").glob("*/*.tmp"))
+
+
+def test_bench_data_runs_end_to_end(tmp_path):
+    """bench_data.py on a 2 MiB corpus: both process counts report their rates and write the same ids."""
+    run = run_script("bench_data.py", "--sections=speed", "--speed_mib=2", "--repeats=1",
+                     f"--work_dir={tmp_path / 'bench'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "num_proc=1: " in run.stdout and "num_proc=2: " in run.stdout and "ids equal: True" in run.stdout
+    assert not (tmp_path / "bench").exists()
