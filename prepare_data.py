@@ -156,7 +156,7 @@ def input_files():
         files = sorted(f for f in glob.glob(os.path.join(glob.escape(input), "**", "*"), recursive=True)
                        if f.endswith((".txt", ".jsonl")) and os.path.isfile(f))
         return files or die(f"--input folder {input} holds no .txt or .jsonl files")
-    if glob.has_magic(input):
+    if any(c in input for c in "*?["):  # a glob
         return sorted(f for f in glob.glob(input, recursive=True) if os.path.isfile(f)) or die(
             f"--input={input} matches no file")
     die(f"--input file not found: {input}")

@@ -142,16 +142,20 @@ def test_hugging_face_data_set_on_local_stand_ins(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "'text'" in err and "--hf_text_field" in err and "content" in err
 
 
-def test_hugging_face_offline_or_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+def test_hugging_face_offline_is_one_line(tmp_path):
+    pytest.importorskip("datasets")
     run = run_script("prepare_data.py", "--hf_dataset=nobody/no-such-set", "--tokenizer=char", cwd=tmp_path,
                      env=dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     err = run.stderr.strip()
     assert run.returncode == 1 and len(err.splitlines()) == 1 and "offline?" in err and "nobody/no-such-set" in err
+    assert not list(tmp_path.glob("data/*/meta.json"))
+
+
+def test_hugging_face_without_the_package_names_the_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     prepare(tmp_path, "--hf_dataset=nobody/no-such-set", "--tokenizer=char", code=2)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install datasets" in err
-    assert not list(tmp_path.glob("data/*/meta.json"))
 
 
 def test_chat_rows_cut_or_drop_a_long_example_and_train(tmp_path, capsys):
