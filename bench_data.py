@@ -53,8 +53,8 @@ def write_corpus(path, mib, words, rng):
     paragraphs = []
     for _ in range(4096):
         ws = rng.choice(words, size=rng.integers(20, 200), p=zipf / zipf.sum())
-        sentences = [" ".join(ws[i:i + 12]).capitalize() + rng.choice([".", ",", "!", "?", f" {rng.integers(1, 2026)}."])
-                     for i in range(0, len(ws), 12)]
+        ends = [".", ",", "!", "?", f" {rng.integers(1, 2026)}."]
+        sentences = [" ".join(ws[i:i + 12]).capitalize() + rng.choice(ends) for i in range(0, len(ws), 12)]
         paragraphs.append(" ".join(sentences) + "\n\n")
     os.makedirs(path, exist_ok=True)
     left, k = mib << 20, 0

@@ -61,7 +61,7 @@ hf_text_field = "text"
 max_tokens = 0               # text: stop after this many tokens (0 = the whole input)
 tokenizer = "gpt2"           # for text: "gpt2" (tiktoken's BPE), "char", or "huginn" (the release's)
 huginn_dir = ""              # the release's directory, for its tokenizer.json
-num_proc = os.cpu_count() or 1  # text: processes that tokenize
+num_proc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # cores
 name = ""                    # data/<name>; "" = shellgame, shakespeare_<tokenizer> or <input stem>_<tokenizer>
 data_dir = "data"
 val_fraction = 0.1           # text: documents drawn for val (see above); chat: the last examples
@@ -463,7 +463,8 @@ def move_to_val(out, start, dtype):
     try:
         with open(train_path, "rb") as f:
             f.seek(cut)
-            atomic_write(os.path.join(out, "val.bin"), lambda val: [val.write(b) for b in iter(lambda: f.read(CHUNK), b"")])
+            blocks = iter(lambda: f.read(CHUNK), b"")
+            atomic_write(os.path.join(out, "val.bin"), lambda val: [val.write(b) for b in blocks])
         os.truncate(train_path, cut)
     except OSError as e:
         raise WriteError(f"could not cut {train_path}: {e.strerror}") from None

@@ -52,7 +52,8 @@ def test_folder_and_jsonl_documents_start_with_bos_split_whole_and_train(tmp_pat
     out = data / "corpus_huginn"
     meta = json.loads((out / "meta.json").read_text())
     train, val = stream(out)
-    split = {s: [enc.decode(d[1:].tolist()) for d in split_documents(ids, bos)] for s, ids in zip(meta["tokens"], (train, val))}
+    split = {s: [enc.decode(d[1:].tolist()) for d in split_documents(ids, bos)]
+             for s, ids in zip(meta["tokens"], (train, val))}
     assert sorted(split["train"] + split["val"]) == sorted(docs)  # every document whole, once, after its BOS
     assert meta["documents"] == {s: len(d) for s, d in split.items()} and 1 <= len(split["val"]) < 12
     assert meta["tokens"] == {"train": len(train), "val": len(val)}
@@ -61,7 +62,8 @@ def test_folder_and_jsonl_documents_start_with_bos_split_whole_and_train(tmp_pat
                     "--val_fraction=0.3", "--seed=7") / "corpus_huginn"
     assert (again / "val.bin").read_bytes() != (out / "val.bin").read_bytes()  # the seed draws the split
 
-    train_tiny(tmp_path, "--dataset=corpus_huginn", "--block_size=16", "--max_iters=2", "--eval_interval=2", "--out_dir=out")
+    train_tiny(tmp_path, "--dataset=corpus_huginn", "--block_size=16", "--max_iters=2", "--eval_interval=2",
+               "--out_dir=out")
     assert (tmp_path / "out/ckpt.pt").exists()
 
 
@@ -89,7 +91,7 @@ def test_a_long_text_is_tokenized_in_pieces_as_a_whole(monkeypatch):
     gpt2_regex = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     enc = tiktoken.Encoding("bytes", pat_str=gpt2_regex, special_tokens={},
                             mergeable_ranks={bytes([i]): i for i in range(256)} | {b" t": 256, b" th": 257})
-    whole = "".join(f"{w}{'  ' * (i % 3)}{',' * (i % 2)}\n{' ' * (i % 4)}the {i} Éte " for i, w in enumerate(["x"] * 3000))
+    whole = "".join(f"x{'  ' * (i % 3)}{',' * (i % 2)}\n{' ' * (i % 4)}the {i} Éte " for i in range(3000))
     monkeypatch.setattr(prepare_data, "CHUNK", 500)
     blocks = [whole[i:i + 137] for i in range(0, len(whole), 137)]
     pieces = list(prepare_data.pieces(blocks))
@@ -181,7 +183,8 @@ def test_chat_rows_cut_or_drop_a_long_example_and_train(tmp_path, capsys):
     assert x[:start - len(answer)].tolist() == prompt[:start - len(answer)]
     assert x[start - len(answer):start].tolist() == answer and (y[:start - 1] == -1).all()
     assert enc.decode(y[start - 1:].tolist()) == ("The year 2025 " * 60)[:len(enc.decode(y[start - 1:].tolist()))]
-    train_tiny(tmp_path, "--dataset=chat_huginn", "--block_size=64", "--max_iters=2", "--eval_interval=2", "--out_dir=out")
+    train_tiny(tmp_path, "--dataset=chat_huginn", "--block_size=64", "--max_iters=2", "--eval_interval=2",
+               "--out_dir=out")
     assert (tmp_path / "out/ckpt.pt").exists()
 
     dropped = prepare(tmp_path, *tok, "--row_len=64", "--long_examples=drop", "--name=dropped") / "dropped"
@@ -196,7 +199,8 @@ def test_chat_rows_cut_or_drop_a_long_example_and_train(tmp_path, capsys):
     (lambda p: (p / "empty").mkdir() or "empty", "holds no .txt or .jsonl files"),
     (lambda p: "nothing/*.txt", "matches no file"),
     (lambda p: (p / "b.txt").write_bytes(bytes(range(256)) * 8) and "b.txt", "b.txt is not a text file"),
-    (lambda p: (p / "r.jsonl").write_text('{"text": "ok"}\n\n{"text": oops}\n') and "r.jsonl", "r.jsonl, line 3: not JSON"),
+    (lambda p: (p / "r.jsonl").write_text('{"text": "ok"}\n\n{"text": oops}\n') and "r.jsonl",
+     "r.jsonl, line 3: not JSON"),
     (lambda p: (p / "m.jsonl").write_text('{"text": "ok"}\n{"prompt": "a", "response": "b"}\n') and "m.jsonl",
      "m.jsonl, line 2: the input mixes documents and chat examples"),
 ])
