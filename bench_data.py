@@ -1,7 +1,8 @@
 """
-Benchmark prepare_data.py on a generated corpus, offline: tokenizing speed with 1 and with num_proc processes,
-and peak memory on a small and a large corpus (which must stay flat), with the ids compared across process
-counts (sha256 of train.bin and val.bin).
+Benchmark prepare_data.py on a generated corpus, offline: tokenizing speed with 1 and with num_proc processes
+beside what the cores allow at that moment (a CPU loop in as many processes, measured first), and peak memory
+on a small and a large corpus (which must stay flat), with the ids compared across process counts (sha256 of
+train.bin and val.bin).
 
     python bench_data.py                                        # both sections (minutes; about 4 GB under work_dir)
     python bench_data.py --sections=speed --speed_mib=64         # only the speed
@@ -11,6 +12,7 @@ of words drawn from a Zipf law. The tokenizer is a byte-level BPE in the release
 merges spell those words (about 40,000 ids), so the work per byte is a real BPE's.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -109,6 +111,24 @@ def tree_rss(pid):
     return total
 
 
+def spin(n):
+    return sum(range(n))  # a fixed amount of CPU work
+
+
+def ceiling(procs, n=30_000_000):
+    """How much faster procs processes run procs equal CPU loads than one process does, now: what the cores
+    allow this moment (other work on them lowers it), the bound on any speedup of prepare_data.py."""
+    t0 = time.time()
+    for _ in range(procs):
+        spin(n)
+    serial = time.time() - t0
+    with concurrent.futures.ProcessPoolExecutor(procs) as pool:
+        list(pool.map(spin, [1] * procs))  # the processes started before the clock
+        t0 = time.time()
+        list(pool.map(spin, [n] * procs))
+    return serial / (time.time() - t0)
+
+
 def prepare(corpus, name, procs, *args):
     """prepare_data.py on corpus: its tokenizing MiB/s and tokens/s as it prints them, wall seconds, CPU seconds
     of its processes, their peak RSS together, the sha256 of train.bin and val.bin, and the load average before."""
@@ -161,15 +181,17 @@ if __name__ == "__main__":
         if "speed" in chosen:
             write_corpus(f"{work_dir}/speed", speed_mib, words, rng)
             print(f"speed: {speed_mib} MiB corpus, the release-format BPE of {n_vocab:,} ids, best of {repeats}")
-            runs = {p: [] for p in (1, num_proc)}
+            runs, ceilings = {p: [] for p in (1, num_proc)}, []
             for _ in range(repeats):  # alternated, so that a busy moment does not fall on one side only
+                ceilings.append(ceiling(num_proc))
                 for p in runs:
                     runs[p].append(prepare(f"{work_dir}/speed", "speed", p, *huginn))
             best = {p: max(r, key=lambda run: run["tokens_s"]) for p, r in runs.items()}
             for p, run in best.items():
                 print(f"  num_proc={p}: {line(run)}")
-            print(f"  speedup {best[num_proc]['tokens_s'] / best[1]['tokens_s']:.2f}x; ids equal: "
-                  f"{len({run['sha256'] for r in runs.values() for run in r}) == 1}")
+            print(f"  speedup {best[num_proc]['tokens_s'] / best[1]['tokens_s']:.2f}x (the cores allowed "
+                  f"{', '.join(f'{c:.2f}x' for c in ceilings)} just before, a CPU loop in {num_proc} processes); "
+                  f"ids equal: {len({run['sha256'] for r in runs.values() for run in r}) == 1}")
             shutil.rmtree(f"{work_dir}/speed")
         if "memory" in chosen:
             args = huginn if memory_tokenizer == "huginn" else ["--tokenizer=char"]
