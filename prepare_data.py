@@ -38,6 +38,7 @@ test_<n>_targets.bin (rows of exactly n + 1 tokens).
 import collections
 import concurrent.futures
 import contextlib
+import gc
 import glob
 import itertools
 import json
@@ -451,7 +452,11 @@ def write_stream(out, files, worker_args):
                     print(f"tokenized {done['text_bytes'] / 2**20:,.1f} MiB of text, {rate:,.0f} tokens/s", flush=True)
 
     path = {s: os.path.join(out, f"{s}.bin") for s in ("train", "val")}
-    atomic_write(path["train"], lambda train: atomic_write(path["val"], lambda val: write(dict(train=train, val=val))))
+    gc.freeze()  # what exists now (torch, imported by common) outlives the run: collections skip it, workers share it
+    try:
+        atomic_write(path["train"], lambda t: atomic_write(path["val"], lambda v: write(dict(train=t, val=v))))
+    finally:
+        gc.unfreeze()
     bar.close()
     return counts, done["text_bytes"], done["last_start"], time.time() - t0
 
