@@ -1,6 +1,6 @@
-# GPT-2-small width on GPUs, Huginn's layout (2 prelude, 4 core, 2 coda blocks), on OpenWebText-like text:
-# python prepare_data.py --input=corpus.txt             # GPT-2 BPE
-# torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py --dataset=corpus_gpt2
+# GPT-2-small width on GPUs, Huginn's layout (2 prelude, 4 core, 2 coda blocks), on FineWeb-Edu (GPT-2 BPE):
+# python prepare_data.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_tokens=2_000_000_000
+# torchrun --standalone --nproc_per_node=8 train.py config/gpt2_small.py --dataset=fineweb-edu_gpt2
 out_dir = "out-gpt2-small"
 block_size = 1024
 batch_size = 16

@@ -1,4 +1,5 @@
-"""Contracts of prepare_data.py: the shell game's generator, the text tokenizers, the offline download."""
+"""Contracts of prepare_data.py: the shell game's generator, the text tokenizers, the offline download (corpora:
+test_corpus.py)."""
 
 import json
 import urllib.request
@@ -108,20 +109,6 @@ def test_shakespeare_download_on_a_local_stand_in(tmp_path, monkeypatch):
     out = prepare(tmp_path, "--dataset=shakespeare", "--tokenizer=char") / "shakespeare_char"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["name"] == "shakespeare_char" and "F" in meta["itos"]
-
-
-def test_long_text_tokenized_in_pieces_as_a_whole(monkeypatch):
-    """A long text is tokenized piece by piece (behind a progress bar); the pieces are cut where GPT-2's regex
-    splits anyway, so the ids are those of the whole text."""
-    gpt2_regex = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    enc = tiktoken.Encoding("bytes", pat_str=gpt2_regex, special_tokens={},
-                            mergeable_ranks={bytes([i]): i for i in range(256)} | {b" t": 256, b" th": 257})
-    text = "".join(f"{w}{'  ' * (i % 3)}{',' * (i % 2)}\n{' ' * (i % 4)}the {i} Éte " for i, w in enumerate(["x"] * 3000))
-    monkeypatch.setattr(prepare_data, "CHUNK", 500)
-    calls = []
-    ids = prepare_data.tokenize(text, lambda piece: calls.append(piece) or enc.encode_ordinary(piece))
-    assert len(calls) > 20 and "".join(calls) == text and all(p[0] == " " for p in calls[1:])
-    assert ids == enc.encode_ordinary(text)
 
 
 @pytest.mark.parametrize("args, message", [
