@@ -237,7 +237,7 @@ def test_non_finite_loss_is_reported_and_never_saved(shellgame_dir, mode):
 
 @pytest.mark.parametrize("args, needles", [
     (["--start="], ["prompt is empty"]),
-    (["--start=>" + "ab" * 20], ["block_size"]),
+    (["--start=>" + "ab" * 130], ["block_size"]),
     (["--max_new_tokens=0"], ["max_new_tokens"]),
     (["--num_steps=1,x,4"], ["num_steps"]),
     (["--num_steps=0"], ["num_steps"]),
