@@ -31,7 +31,7 @@ out_dir = "out-demo"
 baseline = ""                # out_dir of a fixed-depth model to compare with (at its mean_recurrence)
 num_steps = "1,2,4,8,16,32,64,128,256,512"  # the depths shown (the model's mean_recurrence is added)
 exit_threshold = 3e-6        # adaptive exit: KL between successive iterations, the largest over the game's positions
-exit_max_steps = 512
+exit_max_steps = 0           # adaptive exit stops by this iteration at the latest; 0: the deepest of num_steps
 max_test_swaps = 0           # only the test sets of at most this many swaps (0: all of them)
 batch_size = 500
 test_seed = 0                # 0: the data set's test files; else test_examples games per length drawn with it
@@ -155,7 +155,8 @@ def plot(path, depths, rows):
 depths = int_list("num_steps", num_steps)
 check_settings(config, [("batch_size", batch_size >= 1, ">= 1"), ("test_examples", test_examples >= 1, ">= 1"),
                         ("max_test_swaps", max_test_swaps >= 0, ">= 0 (0: every test set)"),
-                        ("exit_max_steps", exit_max_steps >= 2, ">= 2 (exit compares two iterations)")])
+                        ("exit_max_steps", exit_max_steps == 0 or exit_max_steps >= 2,
+                         ">= 2 (exit compares two iterations), or 0 for the deepest of num_steps")])
 try:
     for r in depths:
         check_sampling(r, exit_threshold=exit_threshold)
@@ -167,6 +168,7 @@ torch.manual_seed(seed)
 model, meta = load(out_dir)
 base = load(baseline)[0] if baseline else None
 depths = sorted(set(depths) | {model.config.mean_recurrence})
+exit_max_steps = exit_max_steps or max(depths)
 sets = {n: games for n, games in test_sets(meta).items() if not max_test_swaps or n <= max_test_swaps}
 if not sets:
     die(f"no test set of at most {max_test_swaps} swaps (the data has {meta['test_swaps']}): raise --max_test_swaps")

@@ -254,7 +254,7 @@ def test_bad_sampling_input_gives_one_line(trained_dir, capsys, args, needles):
 
 
 @pytest.mark.parametrize("script, flag", [("sample.py", "--top_k=0"), ("sample.py", "--num_steps=2,0"),
-                                          ("eval.py", "--exit_threshold=-1"), ("eval.py", "--exit_max_steps=0")])
+                                          ("eval.py", "--exit_threshold=-1"), ("eval.py", "--exit_max_steps=1")])
 def test_bad_sampling_flags_fail_before_the_model_loads(tmp_path, capsys, script, flag):
     """A bad sampling flag is named at once, before any checkpoint is read (here there is none to read)."""
     code, err = in_process(script, ["--out_dir=nowhere", flag], tmp_path, capsys)
