@@ -131,9 +131,10 @@ def plot(path, depths, rows):
     except ImportError:
         print("no plot: pip install matplotlib for eval.png")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        line, = ax.plot(depths, row["accuracy"], marker="o", linestyle="-" if row["in_training_range"] else "--",
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for k, row in enumerate(rows):  # one color scale from the shortest games to the longest
+        line, = ax.plot(depths, row["accuracy"], marker="o", color=plt.cm.viridis(k / max(1, len(rows) - 1)),
+                        linestyle="-" if row["in_training_range"] else "--",
                         label=f"n={row['difficulty']}" + ("" if row["in_training_range"] else " (untrained length)"))
         if "baseline_accuracy" in row:
             ax.plot([row["baseline_num_steps"]], [row["baseline_accuracy"]], marker="x", markersize=10,
@@ -146,7 +147,7 @@ def plot(path, depths, rows):
     ax.set_title("Shell game: same weights, more iterations" + (" (x: fixed-depth baseline)" if
                                                                 "baseline_accuracy" in rows[0] else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {path}")
