@@ -5,7 +5,7 @@ at several depths, and under adaptive exit with the mean iterations it used.
     python eval.py --out_dir=out-demo
     python eval.py --out_dir=out-demo --baseline=out-demo-fixed     # the fixed-depth model beside it
     python eval.py --out_dir=out-demo --test_seed=4242              # freshly drawn games instead
-    python eval.py --out_dir=out-demo --max_test_swaps=128 --num_steps=1,4,16,64,256   # a quicker look
+    python eval.py --out_dir=out-demo --max_test_swaps=128 --num_steps=1,4,16,64,128   # a quicker look
 
 A game's answer is the cup under which the ball ends: the model's prediction at the last swap
 (exact match). Every depth is read from one pass of the recurrence (the logit lens, model.trace), which
