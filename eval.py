@@ -5,10 +5,13 @@ at several depths, and under adaptive exit with the mean iterations it used.
     python eval.py --out_dir=out-demo
     python eval.py --out_dir=out-demo --baseline=out-demo-fixed     # the fixed-depth model beside it
     python eval.py --out_dir=out-demo --test_seed=4242              # freshly drawn games instead
+    python eval.py --out_dir=out-demo --max_test_swaps=128 --num_steps=1,4,16,64,128   # a quicker look
 
 A game's answer is the cup under which the ball ends: the model's prediction at the last swap
 (exact match). Every depth is read from one pass of the recurrence (the logit lens, model.trace), which
-gives what generate() gives at that depth (a test checks it). Writes out_dir/eval.json and, with matplotlib installed, out_dir/eval.png.
+gives what generate() gives at that depth (a test checks it); of each iteration it keeps only whether each
+answer is right and how far the game's positions moved. Writes out_dir/eval.json and, with matplotlib
+installed, out_dir/eval.png.
 """
 
 import itertools
@@ -27,9 +30,10 @@ from prepare_data import FIRST_CUP, FIRST_SWAP, PAD, START, SWAPS, play
 # ---- settings: defaults, overridden by config files and --key=value ----
 out_dir = "out-demo"
 baseline = ""                # out_dir of a fixed-depth model to compare with (at its mean_recurrence)
-num_steps = "1,2,4,8,16,32,64"  # the depths evaluated (the model's mean_recurrence is added)
-exit_threshold = 3e-6        # adaptive exit: KL between successive iterations (long games settle slowly: larger exits early)
-exit_max_steps = 64
+num_steps = "1,2,4,8,16,32,64,128,256,512"  # the depths shown (the model's mean_recurrence is added)
+exit_threshold = 3e-6        # adaptive exit: KL between successive iterations, the largest over the game's positions
+exit_max_steps = 0           # adaptive exit stops by this iteration at the latest; 0: the deepest of num_steps
+max_test_swaps = 0           # only the test sets of at most this many swaps (0: all of them)
 batch_size = 500
 test_seed = 0                # 0: the data set's test files; else test_examples games per length drawn with it
 test_examples = 1000
@@ -95,33 +99,41 @@ def test_sets(meta):
     return sets
 
 
-def answers_by_iteration(model, prompts, num_steps):
-    """Log-probabilities of the answer (the token after each prompt) after every iteration: (num_steps, B, vocab).
-    One pass of the logit lens gives every depth at once: generate() at depth r answers as iteration r does."""
-    return torch.log_softmax(model.trace(prompts.to(device), num_steps)[:, :, -1].float(), dim=-1).cpu()
+def read_games(model, prompts, answers, num_steps):
+    """One pass of the logit lens over a batch of games, kept lean: whether each answer (the prediction at the
+    last swap) is right after every iteration, (num_steps, B), and where adaptive exit stops each game as
+    generate() decides it for a prompt: at the first iteration i >= 2 where the KL between iterations i - 1
+    and i is below exit_threshold at every position, else at exit_max_steps. (B,) iterations."""
+    right, steps, logp_prev = [], torch.full((len(prompts),), exit_max_steps), None
+    for i, (logits, _) in enumerate(model.trace(prompts.to(device), num_steps), 1):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        right.append(logp[:, -1].argmax(-1).cpu() == answers)
+        if logp_prev is not None and i <= exit_max_steps:
+            settled = (logp_prev.exp() * (logp_prev - logp)).sum(-1).amax(-1).cpu() < exit_threshold
+            steps = torch.where(settled & (steps == exit_max_steps), i, steps)
+        logp_prev = logp
+    return torch.stack(right), steps
 
 
 def evaluate(model, sets, depths, progress):
-    """Accuracy per difficulty at each depth and under adaptive exit. The games of one length run together
-    (no padding) and the recurrence runs once, to the deepest setting. Adaptive exit is replayed on the
-    answers as generate() decides it: a game stops at the first iteration i >= 2 whose distribution is
-    within exit_threshold (KL) of iteration i - 1's, else at exit_max_steps."""
+    """Accuracy per difficulty after every iteration and under adaptive exit. The games of one length run
+    together (no padding) and the recurrence runs once, to the deepest setting."""
     results = {}
     for n, (prompts, answers) in sets.items():
-        correct, exit_correct, exit_steps = [], [], []
+        right, exit_right, exit_steps = [], [], []
         for i in range(0, len(prompts), batch_size):
-            logp = answers_by_iteration(model, prompts[i:i + batch_size], max(max(depths), exit_max_steps))
             ans = answers[i:i + batch_size]
-            correct.append(torch.stack([logp[r - 1].argmax(-1) == ans for r in depths]).float())
-            logp = logp[:exit_max_steps]
-            kl = (logp[:-1].exp() * (logp[:-1] - logp[1:])).sum(-1)  # (exit_max_steps - 1, B): KL(iter i || i + 1)
-            below = kl < exit_threshold
-            steps = torch.where(below.any(0), below.int().argmax(0) + 2, exit_max_steps)
-            exit_correct.append((logp[steps - 1, torch.arange(len(ans))].argmax(-1) == ans).float())
+            hits, steps = read_games(model, prompts[i:i + batch_size], ans, max(max(depths), exit_max_steps))
+            right.append(hits)
+            exit_right.append(hits[steps - 1, torch.arange(len(ans))])
             exit_steps.append(steps.float())
             progress.update()
-        results[n] = dict(accuracy=torch.cat(correct, 1).mean(1).tolist(),
-                          exit_accuracy=torch.cat(exit_correct).mean().item(),
+        by_step = torch.cat(right, 1).float().mean(1)[:max(depths)]  # accuracy after each iteration
+        best = by_step.max().item()
+        results[n] = dict(accuracy=[by_step[r - 1].item() for r in depths], best_accuracy=best,
+                          best_num_steps=int(by_step.argmax()) + 1,
+                          needed_num_steps=int((by_step >= best - 0.01).int().argmax()) + 1,
+                          exit_accuracy=torch.cat(exit_right).float().mean().item(),
                           exit_mean_steps=torch.cat(exit_steps).mean().item())
     return results
 
@@ -145,9 +157,10 @@ def plot(path, depths, rows):
     except ImportError:
         print("no plot: pip install matplotlib for eval.png")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        line, = ax.plot(depths, row["accuracy"], marker="o", linestyle="-" if row["in_training_range"] else "--",
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for k, row in enumerate(rows):  # one color scale from the shortest games to the longest
+        line, = ax.plot(depths, row["accuracy"], marker="o", color=plt.cm.viridis(k / max(1, len(rows) - 1)),
+                        linestyle="-" if row["in_training_range"] else "--",
                         label=f"n={row['difficulty']}" + ("" if row["in_training_range"] else " (untrained length)"))
         if "baseline_accuracy" in row:
             ax.plot([row["baseline_num_steps"]], [row["baseline_accuracy"]], marker="x", markersize=10,
@@ -160,7 +173,7 @@ def plot(path, depths, rows):
     ax.set_title("Shell game: same weights, more iterations" + (" (x: fixed-depth baseline)" if
                                                                 "baseline_accuracy" in rows[0] else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {path}")
@@ -168,7 +181,9 @@ def plot(path, depths, rows):
 
 depths = int_list("num_steps", num_steps)
 check_settings(config, [("batch_size", batch_size >= 1, ">= 1"), ("test_examples", test_examples >= 1, ">= 1"),
-                        ("exit_max_steps", exit_max_steps >= 2, ">= 2 (exit compares two iterations)")])
+                        ("max_test_swaps", max_test_swaps >= 0, ">= 0 (0: every test set)"),
+                        ("exit_max_steps", exit_max_steps == 0 or exit_max_steps >= 2,
+                         ">= 2 (exit compares two iterations), or 0 for the deepest of num_steps")])
 try:
     for r in depths:
         check_sampling(r, exit_threshold=exit_threshold)
@@ -180,7 +195,10 @@ torch.manual_seed(seed)
 model, meta = load(out_dir)
 base = load(baseline)[0] if baseline else None
 depths = sorted(set(depths) | {model.config.mean_recurrence})
-sets = test_sets(meta)
+exit_max_steps = exit_max_steps or max(depths)
+sets = {n: games for n, games in test_sets(meta).items() if not max_test_swaps or n <= max_test_swaps}
+if not sets:
+    die(f"no test set of at most {max_test_swaps} swaps (the data has {meta['test_swaps']}): raise --max_test_swaps")
 n_batches = (2 if base else 1) * sum(-(-len(p) // batch_size) for p, _ in sets.values())
 t0 = time.time()
 with tqdm(total=n_batches, unit="batch", disable=None) as progress:
@@ -190,20 +208,22 @@ with tqdm(total=n_batches, unit="batch", disable=None) as progress:
     if base:
         r = base.config.mean_recurrence
         for row, (prompts, answers) in zip(rows, sets.values()):
-            preds = torch.cat([answers_by_iteration(base, prompts[i:i + batch_size], r)[-1].argmax(-1)
-                               for i in range(0, len(prompts), batch_size)])
+            hits = torch.cat([read_games(base, prompts[i:i + batch_size], answers[i:i + batch_size], r)[0][-1]
+                              for i in range(0, len(prompts), batch_size)])
             progress.update(-(-len(prompts) // batch_size))
-            row.update(baseline_accuracy=(preds == answers).float().mean().item(), baseline_num_steps=r)
+            row.update(baseline_accuracy=hits.float().mean().item(), baseline_num_steps=r)
 elapsed = time.time() - t0
 header = f"{'n':>4} {'count':>6} " + " ".join(f"{'r=' + str(r):>6}" for r in depths)
-header += f" | {'exit acc':>8} {'steps':>6}" + (" | baseline" if base else "")
+header += f" | {'best':>5} {'at r':>4} {'needs':>5} | {'exit acc':>8} {'steps':>6}" + (" | baseline" if base else "")
 print(header)
 for row in rows:
     line = f"{row['difficulty']:>4} {row['n']:>6} " + " ".join(f"{a:>6.3f}" for a in row["accuracy"])
+    line += f" | {row['best_accuracy']:>5.3f} {row['best_num_steps']:>4} {row['needed_num_steps']:>5}"
     line += f" | {row['exit_accuracy']:>8.3f} {row['exit_mean_steps']:>6.2f}"
     line += f" | {row['baseline_accuracy']:>8.3f}" if base else ""
     print(line + ("" if row["in_training_range"] else "   (longer than trained)"))
-print(f"adaptive exit: KL threshold {exit_threshold}, at most {exit_max_steps} steps")
+print(f"best: the best accuracy after any iteration up to {max(depths)}, at r; needs: the first iteration within .01 "
+      f"of it. Adaptive exit: KL threshold {exit_threshold} at every position, at most {exit_max_steps} steps")
 print(chart(depths, rows))
 print(f"evaluated {sum(r['n'] for r in rows):,} games at {len(depths) + 1} settings in {elapsed:.1f} s "
       f"(one pass to the deepest setting per batch)")

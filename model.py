@@ -375,19 +375,20 @@ class RecurrentGPT(nn.Module):
             s = s_next if active is None else torch.where(active[:, None, None], s_next, s)  # exited rows keep theirs
             if active is None:
                 continue
-            # adaptive exit: compare the next-token distributions of successive iterations, row by row
-            logits = self.coda_head(s, rope, cache)
-            logp_prev, logp = logp, F.log_softmax(logits[:, -1], dim=-1)
+            # adaptive exit: compare the distributions of successive iterations, row by row, at every new
+            # position: a long prompt's last answer can stand still while earlier positions still move
+            logp_prev, logp = logp, F.log_softmax(self.coda_head(s, rope, cache), dim=-1)
             if logp_prev is not None:
-                kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # KL(previous || current)
-                exited = active & (kl < exit_threshold)
+                kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # (B, T): KL(previous || current)
+                if cache.valid is not None:  # left padding is no part of the prompt
+                    kl = kl.masked_fill(~cache.valid[:, cache.pos:cache.pos + T], 0)
+                exited = active & (kl.amax(-1) < exit_threshold)
                 steps[exited] = i + 1
                 active = active & ~exited
                 if not active.any():
                     break
         cache.active = None
-        if exit_threshold is None:
-            logits = self.coda_head(s, rope, cache)
+        logits = self.coda_head(s, rope, cache) if exit_threshold is None else logp  # log-probabilities under exit
         cache.advance(T, None if exit_threshold is None else steps)
         return logits, steps, self.ln_f(s[:, -1:])
 
@@ -405,7 +406,7 @@ class RecurrentGPT(nn.Module):
                         top_p, and those at least min_p times as likely as the most likely (sampling_probs)
         exit_threshold  adaptive exit: a row stops iterating once the KL divergence between the next-token
                         distributions of two successive iterations is below it (so >= 2 iterations); the
-                        prompt exits too, judged at its last position
+                        prompt exits too, once every one of its positions is below it
         kv_budget       at most this many iteration slots per core layer in the cache (KV-cache sharing)
         warm_start      start each token's state from the previous token's final state, normed by ln_f
                         (continuous CoT)
@@ -482,21 +483,17 @@ class RecurrentGPT(nn.Module):
         return torch.cat([drafts[:, :n, 0], last], 1)
 
     @torch.no_grad()
-    def trace(self, idx, num_steps, return_states=False):
-        """A logit lens on the recurrence: the latent after every iteration, decoded through ln_f, the coda
-        and the head. Returns logits (num_steps, B, T, vocab_size), with return_states also the latents
-        (num_steps, B, T, n_embd)."""
+    def trace(self, idx, num_steps):
+        """A logit lens on the recurrence: yields (logits (B, T, vocab_size), latent (B, T, n_embd)) after
+        every iteration, the latent decoded through ln_f, the coda and the head. One iteration at a time, so
+        a caller keeps only what it needs: every logit of long games over hundreds of iterations is gigabytes."""
         check_sampling(num_steps)
         rope = self.rope_at(slice(idx.size(1)))
         e = self.embed(idx, rope)
         s = self.initial_state(e)
-        logits, states = [], []
         for _ in range(num_steps):
             s = self.core_iteration(s, e, rope)
-            if return_states:
-                states.append(s)
-            logits.append(self.coda_head(s, rope))
-        return (torch.stack(logits), torch.stack(states)) if return_states else torch.stack(logits)
+            yield self.coda_head(s, rope), s
 
 
 class KVCache:

@@ -71,9 +71,10 @@ long_examples = "cut"        # chat: an example longer than row_len is "cut" or 
 train_examples = 200_000     # the shell game: games in each split, and per test difficulty
 val_examples = 2_000
 test_examples = 1_000
+long_test_examples = 200     # per test length beyond 4x max_swaps, where evaluation costs the most
 min_swaps = 1                # training games have min_swaps..max_swaps swaps, uniformly
 max_swaps = 16
-test_swaps = "2,4,8,12,16,20,24,28,32"
+test_swaps = "2,4,8,12,16,24,32,48,64,96,128,192,256"
 seed = 1337
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -129,7 +130,8 @@ def prepare_shell_game(out, test_swaps):
     rng = np.random.default_rng(seed)
     train_swaps = list(range(min_swaps, max_swaps + 1))
     row_len = max_swaps + 1
-    tests = {n: distinct_games(rng, n, test_examples) for n in test_swaps}
+    tests = {n: distinct_games(rng, n, test_examples if n <= 4 * max_swaps else long_test_examples)
+             for n in test_swaps}
     held_out = {tuple(x) for games in tests.values() for x, _ in games}
     games = []
     # train and val never repeat a test game: a rejected game is redrawn at the same length, which keeps the
@@ -519,7 +521,7 @@ if __name__ == "__main__":
         ("long_examples", long_examples in ("cut", "drop"), "cut or drop"),
         ("min_swaps", 1 <= min_swaps <= max_swaps, "between 1 and max_swaps"),
         ("train_examples", train_examples >= 1, ">= 1"), ("val_examples", val_examples >= 1, ">= 1"),
-        ("test_examples", test_examples >= 1, ">= 1")])
+        ("test_examples", test_examples >= 1, ">= 1"), ("long_test_examples", long_test_examples >= 1, ">= 1")])
     test_swaps = int_list("test_swaps", test_swaps)
     if dataset == "text":  # the file's stem, the folder's or glob's folder name, the data set's last part
         stem = os.path.splitext(os.path.basename(re.split(r"[*?[]", hf_dataset or input)[0].rstrip("/\\")))[0]

@@ -112,7 +112,7 @@ def read_prompt(encode, block_size, huginn):
 
 def print_trace(model, idx, num_steps, decode, answers=None):
     """Each iteration's prediction at the last few positions: the logit lens over the recurrence."""
-    logits, states = model.trace(idx, num_steps, return_states=True)
+    logits, states = (torch.stack(t) for t in zip(*model.trace(idx, num_steps)))
     logp = F.log_softmax(logits[:, 0].float(), dim=-1)                          # (r, T, V)
     kl_final = (logp.exp() * (logp - logp[-1])).sum(-1).clamp(min=0)           # KL(iteration i || final)
     moved = (states[1:, 0] - states[:-1, 0]).norm(dim=-1) / states[1:, 0].norm(dim=-1)

@@ -1,7 +1,7 @@
 # The shell game on a laptop CPU in about ten minutes: python prepare_data.py && python train.py config/demo.py
 out_dir = "out-demo"
 dataset = "shellgame"
-block_size = 34          # rows are 17 tokens; room for the longest test game (32 swaps) and its answer
+block_size = 257         # rows are 17 tokens; room for the longest test game (256 swaps) and its start
 batch_size = 64
 n_embd = 64
 n_head = 2
@@ -10,7 +10,7 @@ n_prelude = 1
 n_core = 1
 n_coda = 1
 pos_encoding = "alibi"   # a learned bias on distance, no absolute positions: the rule learned holds at lengths never seen
-mean_recurrence = 16     # training depth comparable to the longest training game
+mean_recurrence = 24     # training depth well above the longest training game (16 swaps)
 backprop_depth = 4
 learning_rate = 3e-3
 min_lr = 3e-4

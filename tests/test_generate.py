@@ -125,8 +125,8 @@ def test_warm_start_changes_only_the_initial_state(monkeypatch):
     monkeypatch.setattr(model, "forward_cached", recording)
     warm = model.generate(idx, 6, num_steps=4, top_k=1, warm_start=True)
     assert calls[0][0] is None
-    latents = model.trace(idx, 4, return_states=True)[1]  # the prompt's latents after each iteration
-    torch.testing.assert_close(calls[0][1], model.ln_f(latents[-1][:, -1:]))
+    latent = list(model.trace(idx, 4))[-1][1]  # the prompt's latent after the last iteration
+    torch.testing.assert_close(calls[0][1], model.ln_f(latent[:, -1:]))
     for (_, final_prev), (state, _) in zip(calls[:-1], calls[1:]):
         assert state is final_prev
     cold = model.generate(idx, 6, num_steps=4, top_k=1)
@@ -153,7 +153,7 @@ def test_trace_ends_at_the_forward_pass_and_settles(trained_toy_model):
     """trace's last iteration equals forward at that depth; the first iterations differ from it."""
     model, data = trained_toy_model
     idx = data[:40][None]
-    logits, states = model.trace(idx, 12, return_states=True)
+    logits, states = (torch.stack(t) for t in zip(*model.trace(idx, 12)))
     assert logits.shape == (12, 1, 40, model.config.vocab_size) and states.shape == (12, 1, 40, 48)
     forward, _ = model(idx, num_steps=12)
     assert torch.allclose(logits[-1], forward, atol=1e-5)
@@ -207,20 +207,52 @@ def test_prompts_of_different_lengths_batch_like_alone_without_rotary_positions(
         assert torch.equal(out, alone[0]) and torch.equal(s, s_alone[0])
 
 
-def test_eval_reads_each_depth_as_generate_gives_it(tmp_path):
+def test_a_prompt_exits_once_every_position_has_settled(trained_toy_model):
+    """Under adaptive exit a prompt stops at the first iteration where the KL between successive iterations
+    is below the threshold at every one of its positions, not at its last position alone."""
+    model, data = trained_toy_model
+    idx, num_steps, threshold = data[:40][None], 16, 1e-3
+    _, steps = model.generate(idx, 1, num_steps=num_steps, top_k=1, exit_threshold=threshold, return_steps=True)
+    logp = torch.log_softmax(torch.stack([logits for logits, _ in model.trace(idx, num_steps)])[:, 0], dim=-1)
+    kl = (logp[:-1].exp() * (logp[:-1] - logp[1:])).sum(-1)  # (num_steps - 1, T): KL(iteration i || i + 1)
+
+    def first_below(k):
+        return int((k < threshold).int().argmax()) + 2 if (k < threshold).any() else num_steps
+
+    assert steps[0, 0] == first_below(kl.amax(-1))
+    assert first_below(kl[:, -1]) < steps[0, 0]  # the last position alone would have stopped earlier
+
+
+def test_eval_reads_each_depth_as_generate_gives_it(tmp_path, monkeypatch):
     """eval.py reads every depth from one pass of the logit lens and replays adaptive exit on it: its
-    accuracies, exit accuracy and mean exit steps are generate()'s, game by game."""
+    accuracies, exit accuracy and mean exit steps are generate()'s, game by game. It keeps no iteration's
+    logits once it has read them (all of them, for long games, are gigabytes)."""
     import json
+    import weakref
 
     import numpy as np
 
+    import model as model_module
     from common import load_model
     from conftest import make_shellgame, run_main, train_tiny
     make_shellgame(tmp_path)
     train_tiny(tmp_path, "--max_iters=40", "--mean_recurrence=4", "--pos_encoding=alibi", "--out_dir=out")
     threshold, max_steps = 1e-3, 8
+    trace, alive = model_module.RecurrentGPT.trace, []
+
+    def watched_trace(self, idx, num_steps):
+        logits_seen = []
+        for logits, s in trace(self, idx, num_steps):
+            logits_seen.append(weakref.ref(logits))
+            yield logits, s
+            del logits
+            alive.append(sum(ref() is not None for ref in logits_seen))
+
+    monkeypatch.setattr(model_module.RecurrentGPT, "trace", watched_trace)
     assert run_main("eval.py", ["--out_dir=out", "--num_steps=1,3", f"--exit_threshold={threshold}", "--device=cpu",
                                 f"--exit_max_steps={max_steps}", "--batch_size=64"], tmp_path) == 0
+    monkeypatch.undo()
+    assert len(alive) > max_steps and max(alive) <= 1  # the eval read every iteration and kept none but the last
     result = json.loads((tmp_path / "out/eval.json").read_text())
     assert result["num_steps"] == [1, 3, 4]  # the model's mean_recurrence added
     model, _ = load_model(str(tmp_path / "out"), "cpu")

@@ -237,7 +237,7 @@ def test_non_finite_loss_is_reported_and_never_saved(shellgame_dir, mode):
 
 @pytest.mark.parametrize("args, needles", [
     (["--start="], ["prompt is empty"]),
-    (["--start=>" + "ab" * 20], ["block_size"]),
+    (["--start=>" + "ab" * 130], ["block_size"]),
     (["--max_new_tokens=0"], ["max_new_tokens"]),
     (["--num_steps=1,x,4"], ["num_steps"]),
     (["--num_steps=0"], ["num_steps"]),
@@ -255,7 +255,7 @@ def test_bad_sampling_input_gives_one_line(trained_dir, capsys, args, needles):
 
 @pytest.mark.parametrize("script, flag", [("sample.py", "--top_k=0"), ("sample.py", "--num_steps=2,0"),
                                           ("sample.py", "--draft_tokens=4"), ("sample.py", "--top_p=2"),
-                                          ("eval.py", "--exit_threshold=-1"), ("eval.py", "--exit_max_steps=0")])
+                                          ("eval.py", "--exit_threshold=-1"), ("eval.py", "--exit_max_steps=1")])
 def test_bad_sampling_flags_fail_before_the_model_loads(tmp_path, capsys, script, flag):
     """A bad sampling flag is named at once, before any checkpoint is read (here there is none to read)."""
     code, err = in_process(script, ["--out_dir=nowhere", flag], tmp_path, capsys)
