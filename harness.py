@@ -174,7 +174,7 @@ class RecurrentLM(TemplateLM):
 
     def exit_logprobs(self, tokens, n):
         """Log-probabilities (n, vocab) of the last n of tokens under adaptive exit, as generate() computes them:
-        the context in one pass through the cache (exit judged at its last position), then one token at a time."""
+        the context in one pass through the cache (exit judged at all its positions), then one token at a time."""
         idx = torch.tensor([tokens[:-1]], device=self.device)
         dtype = self.model.wte.weight.dtype
         cache = KVCache(self.model.config, 1, idx.size(1), self.num_steps, None, self.device, dtype)
