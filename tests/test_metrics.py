@@ -23,7 +23,7 @@ def records(path):
 def test_one_record_per_log_interval_and_evaluation(shellgame_dir, capsys):
     """Log records at iters 1 and every log_interval with loss, depth, grad norm, lr, tokens/s and MFU; evaluation
     records at 0 and every eval_interval with the val loss at each depth; plot_metrics.py draws them."""
-    train_tiny(shellgame_dir, *ARGS, "--out_dir=out", "--peak_flops=1e12")
+    train_tiny(shellgame_dir, *ARGS, "--out_dir=out", "--peak_flops=1e12", "--mean_recurrence=16")
     logs, evals = [], []
     for r in records(shellgame_dir / "out/metrics.jsonl"):
         (logs if "loss" in r else evals).append(r)
