@@ -35,8 +35,7 @@ exit_threshold = 3e-6        # adaptive exit: KL between successive iterations, 
 exit_max_steps = 0           # adaptive exit stops by this iteration at the latest; 0: the deepest of num_steps
 max_test_swaps = 0           # only the test sets of at most this many swaps (0: all of them)
 batch_size = 500
-test_seed = 0                # 0: the data set's test files; else test_examples games per length drawn with it
-test_examples = 1000
+test_seed = 0                # 0: the data set's test files; else as many fresh games per length, drawn with it
 data_dir = "data"
 device = "auto"              # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", "mps"
 seed = 1337
@@ -63,18 +62,18 @@ def trained_games(meta):
     return {row.tobytes() for split in rows for row in split}
 
 
-def fresh_games(rng, n, trained, row_len):
-    """Up to test_examples distinct games of n swaps that training never showed, as prepare_data's test sets are.
+def fresh_games(rng, n, count, trained, row_len):
+    """Up to count distinct games of n swaps that training never showed, as prepare_data's test sets are.
     Short games have few variants (100 of 2 swaps, most of them trained on): those are listed whole and drawn from."""
     def unseen(moves):
         tokens = [START] + [FIRST_SWAP + m for m in moves]
         return n + 1 > row_len or np.array(tokens + [PAD] * (row_len - n - 1), np.uint16).tobytes() not in trained
     if len(SWAPS) ** n <= 100_000:
         pool = [moves for moves in itertools.product(range(len(SWAPS)), repeat=n) if unseen(moves)]
-        picks = [pool[i] for i in rng.permutation(len(pool))[:test_examples]]
+        picks = [pool[i] for i in rng.permutation(len(pool))[:count]]
     else:
         picks = {}
-        while len(picks) < test_examples:
+        while len(picks) < count:
             moves = tuple(int(m) for m in rng.integers(0, len(SWAPS), size=n))
             if unseen(moves):
                 picks.setdefault(moves)
@@ -84,12 +83,14 @@ def fresh_games(rng, n, trained, row_len):
 
 
 def test_sets(meta):
-    """{difficulty: (prompts (N, n + 1), answers (N,))}: the data set's test files, or games drawn with test_seed."""
+    """{difficulty: (prompts (N, n + 1), answers (N,))}: the data set's test files of at most max_test_swaps, or as
+    many games drawn with test_seed."""
+    swaps = [n for n in meta["test_swaps"] if not max_test_swaps or n <= max_test_swaps]
     if test_seed:
         rng, trained = np.random.default_rng(test_seed), trained_games(meta)
-        return {n: fresh_games(rng, n, trained, meta["row_len"]) for n in meta["test_swaps"]}
+        return {n: fresh_games(rng, n, meta["rows"][f"test_{n}"], trained, meta["row_len"]) for n in swaps}
     sets = {}
-    for n in meta["test_swaps"]:
+    for n in swaps:
         paths = [os.path.join(data_dir, meta["name"], f"test_{n}{s}.bin") for s in ("", "_targets")]
         if not all(os.path.isfile(p) for p in paths):
             die(f"{paths[0]} is missing: run python prepare_data.py", code=1)
@@ -180,7 +181,7 @@ def plot(path, depths, rows):
 
 
 depths = int_list("num_steps", num_steps)
-check_settings(config, [("batch_size", batch_size >= 1, ">= 1"), ("test_examples", test_examples >= 1, ">= 1"),
+check_settings(config, [("batch_size", batch_size >= 1, ">= 1"),
                         ("max_test_swaps", max_test_swaps >= 0, ">= 0 (0: every test set)"),
                         ("exit_max_steps", exit_max_steps == 0 or exit_max_steps >= 2,
                          ">= 2 (exit compares two iterations), or 0 for the deepest of num_steps")])
@@ -196,7 +197,7 @@ model, meta = load(out_dir)
 base = load(baseline)[0] if baseline else None
 depths = sorted(set(depths) | {model.config.mean_recurrence})
 exit_max_steps = exit_max_steps or max(depths)
-sets = {n: games for n, games in test_sets(meta).items() if not max_test_swaps or n <= max_test_swaps}
+sets = test_sets(meta)
 if not sets:
     die(f"no test set of at most {max_test_swaps} swaps (the data has {meta['test_swaps']}): raise --max_test_swaps")
 n_batches = (2 if base else 1) * sum(-(-len(p) // batch_size) for p, _ in sets.values())

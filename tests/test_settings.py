@@ -132,17 +132,17 @@ def test_an_unreadable_checkpoint_says_why(saved, monkeypatch, damage, needle):
 
 def test_fresh_test_games_are_games_training_never_showed(shellgame_dir):
     """eval.py --test_seed draws games outside the train and val splits: of the 100 games of 2 swaps, only those
-    that neither split holds (the shipped test set's 50 among them), however many test_examples asks for."""
+    that neither split holds (the shipped test set's 50 among them); longer ones as many as the shipped set has."""
     data = shellgame_dir / "data/shellgame"
     meta = json.loads((data / "meta.json").read_text())
     rows = np.concatenate([np.fromfile(data / f"{s}.bin", dtype=np.uint16).reshape(-1, meta["row_len"])
                            for s in ("train", "val")])
     trained = {tuple(r[:3]) for r in rows if r[3] == 0 and r[2] != 0}  # the games of exactly 2 swaps
     train_tiny(shellgame_dir, "--max_iters=1", "--out_dir=out")
-    assert run_main("eval.py", ["--out_dir=out", "--num_steps=1", "--exit_max_steps=2", "--test_seed=7",
-                                "--test_examples=100"], shellgame_dir) == 0
+    assert run_main("eval.py", ["--out_dir=out", "--num_steps=1", "--exit_max_steps=2", "--test_seed=7"],
+                    shellgame_dir) == 0
     rows = {r["difficulty"]: r for r in json.loads((shellgame_dir / "out/eval.json").read_text())["rows"]}
-    assert rows[2]["n"] == 100 - len(trained) and rows[8]["n"] == 100
+    assert rows[2]["n"] == min(meta["rows"]["test_2"], 100 - len(trained)) and rows[8]["n"] == meta["rows"]["test_8"]
 
 
 def test_the_repository_cites_only_files_it_holds():
