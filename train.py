@@ -586,9 +586,10 @@ while iter_num < max_iters and not stop_requested:
         progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         log(f"iter {iter_num}: loss {loss_value:.4f}, depth {n_no_grad + n_grad} ({n_grad} with grad), "
             f"lr {lr:.2e}, {dt * 1000:.1f} ms/step, {tokens / dt:,.0f} tok/s")
-        mfu = {"mfu": flops / (dt * (iter_num - t0_iter)) / peak_flops} if peak_flops else {}
+        flops_per_s = flops / (dt * (iter_num - t0_iter))  # achieved, from estimate_flops at the depths run
+        mfu = {"mfu": flops_per_s / peak_flops} if peak_flops else {}
         record(dict(iter=iter_num, loss=loss_value, depth=n_no_grad + n_grad, n_grad=n_grad, grad_norm=norm, lr=lr,
-                    tokens_per_s=tokens / dt, **mfu))
+                    tokens_per_s=tokens / dt, flops_per_s=flops_per_s, **mfu))
         t0, t0_iter, flops = time.time(), iter_num, 0
     if iter_num % eval_interval == 0 or iter_num == max_iters or stop_requested:
         if not stop_requested:  # a stop saves at once: a scheduler's grace period may be shorter than an evaluation

@@ -30,7 +30,7 @@ def test_one_record_per_log_interval_and_evaluation(shellgame_dir, capsys):
     assert [r["iter"] for r in logs] == [1, 2, 4, 6, 8, 10, 12]
     assert [r["iter"] for r in evals] == [0, 4, 8, 12]
     for r in logs:
-        assert {"loss", "depth", "n_grad", "grad_norm", "lr", "tokens_per_s", "mfu"} <= r.keys()
+        assert {"loss", "depth", "n_grad", "grad_norm", "lr", "tokens_per_s", "flops_per_s", "mfu"} <= r.keys()
         assert r["depth"] >= r["n_grad"] >= 1 and r["grad_norm"] > 0 and 0 < r["mfu"] < 1 and r["tokens_per_s"] > 0
     assert all(set(e) == {"iter", "train_loss_r16", "val_loss_r1", "val_loss_r4", "val_loss_r16"} for e in evals)
     assert evals[-1]["val_loss_r4"] < evals[0]["val_loss_r4"]
