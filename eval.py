@@ -136,6 +136,9 @@ def evaluate(model, sets, depths, progress):
                           needed_num_steps=int((by_step >= best - 0.01).int().argmax()) + 1,
                           exit_accuracy=torch.cat(exit_right).float().mean().item(),
                           exit_mean_steps=torch.cat(exit_steps).mean().item())
+        r = results[n]  # a line per test set: long evaluations show their progress in a log file too
+        progress.write(f"n={n}: best {r['best_accuracy']:.3f} at r={r['best_num_steps']}, adaptive exit "
+                       f"{r['exit_accuracy']:.3f} in {r['exit_mean_steps']:.1f} steps ({time.time() - t0:.0f} s)")
     return results
 
 
