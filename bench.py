@@ -128,7 +128,7 @@ class PlainGPT(nn.Module):
                                                            config.rope_base), persistent=False)
 
     def forward(self, idx, targets, num_steps=None):
-        rope = self.rope_table[:idx.size(1), None, None]  # as RecurrentGPT.rope_at
+        rope = self.rope_table[:idx.size(1), None, None]  # as RecurrentGPT.embed
         x = self.wte(idx)
         for b in self.blocks:
             x = x + b.attn(b.norm_1(x), rope)

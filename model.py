@@ -1,5 +1,4 @@
-"""
-A recurrent-depth language model in one file: the architecture of Geiping et al. 2025, "Scaling up
+"""A recurrent-depth language model in one file: the architecture of Geiping et al. 2025, "Scaling up
 Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach" (released as Huginn-0125).
 
     e   = P(x)                   prelude: embed the tokens, then n_prelude blocks
@@ -7,14 +6,13 @@ Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach" (released a
     s_i = R(e, s_{i-1})          core block: adapter(cat[s, e]), then n_core blocks; i = 1..num_steps
     p   = C(ln_f(s_r))           coda: n_coda blocks, ln_f, the tied lm_head
 
-One set of weights serves any num_steps. Training samples the depth for every step and backpropagates
-through the last backprop_depth iterations only (truncated backprop); at inference the user picks the depth,
-and generate() adds the paper's per-iteration KV cache, adaptive exit, KV-cache sharing and warm start, and
-the release's self-speculative decoding (the model drafts at a low depth and checks itself at full depth).
+One set of weights serves any num_steps. Training samples the depth for every step and backpropagates through
+the last backprop_depth iterations only; at inference the user picks the depth, and generate() adds the paper's
+per-iteration KV cache, adaptive exit, KV-cache sharing, warm start and self-speculative decoding.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -50,7 +48,6 @@ def apply_rope(x, rope):
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config, layer_id):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
@@ -58,8 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         # the release's only bias: a learned offset added to q and k (index 0 and 1) before RoPE
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim)) if config.qk_bias else None
-        # pos_encoding "alibi": no rotation, but a bias -slope * (query position - key position) on the logits
-        # (Press et al. 2022), one slope per head, learned (as its log), starting from 1 down to 1/16
+        # pos_encoding "alibi" (Press et al. 2022): no rotation, a bias -slope * distance on the logits instead
         self.log_slopes = (nn.Parameter(torch.linspace(0, -4 * math.log(2), self.n_head))
                            if config.pos_encoding == "alibi" else None)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -71,9 +67,7 @@ class CausalSelfAttention(nn.Module):
         if self.qk_bias is not None:
             qk = qk + self.qk_bias[:, 0].to(qk.dtype)
         q, k = (qk if rope is None else apply_rope(qk, rope)).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
-        mask = None
-        if cache is not None:
-            k, v, mask = cache.update(self.layer_id, iteration, k, v)
+        k, v, mask = (k, v, None) if cache is None else cache.update(self.layer_id, iteration, k, v)
         if self.log_slopes is not None:  # distances between cache slots: a left-padded row keeps its spacing
             S = k.size(2)
             dist = torch.arange(S - T, S, device=x.device)[:, None] - torch.arange(S, device=x.device)
@@ -85,7 +79,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
@@ -97,8 +90,7 @@ class GatedMLP(nn.Module):
 
 
 class SandwichBlock(nn.Module):
-    """Norms before and after each sublayer: re-norming the residual stream keeps its scale fixed
-    however many times the core block is applied."""
+    """Norms before and after each sublayer: re-norming the residual keeps its scale however often the core runs."""
 
     def __init__(self, config, layer_id):
         super().__init__()
@@ -133,49 +125,43 @@ class ModelConfig:
     pos_encoding: str = "rope"     # "rope" (rotary, the release's), "alibi" (a learned bias on distance) or "none"
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_embd", "n_head", "intermediate_size", "n_prelude", "n_core",
-                     "n_coda", "mean_recurrence", "backprop_depth"):
+        for name in (f.name for f in fields(self) if f.type is int):  # the sizes and counts
             low = 0 if name in ("n_prelude", "n_coda") else 1
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low} (got {getattr(self, name)})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
                              "into an even head size (RoPE rotates pairs of dims)")
-        if self.state_init not in ("like-init", "zero"):
-            raise ValueError(f"state_init must be 'like-init' or 'zero' (got {self.state_init!r})")
-        if self.pos_encoding not in ("rope", "alibi", "none"):
-            raise ValueError(f"pos_encoding must be 'rope', 'alibi' or 'none' (got {self.pos_encoding!r})")
+        for name, allowed in (("state_init", ("like-init", "zero")), ("pos_encoding", ("rope", "alibi", "none"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
 
 
 def check_sampling(num_steps, max_new_tokens=1, temperature=1.0, top_k=None, top_p=None, min_p=None,
                    exit_threshold=None, kv_budget=None, warm_start=False, draft_steps=None, draft_tokens=None):
-    """The arguments of generate(), checked without a model (scripts check their flags before a long load):
-    a ValueError naming the first bad one."""
-    def ensure(ok, name, value, allowed):
-        if not ok:
+    """generate()'s arguments, checked without a model: scripts check their flags before a long load."""
+    args, required = locals(), ("num_steps", "max_new_tokens", "temperature")  # the others may be None: off
+    count = (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+    rules = dict(num_steps=count, max_new_tokens=count, top_k=count, kv_budget=count, draft_steps=count,
+                 draft_tokens=count, temperature=(lambda v: v > 0, "a number > 0"),
+                 top_p=(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                 min_p=(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                 exit_threshold=(lambda v: v >= 0, "a number >= 0"))
+    for name, (ok, allowed) in rules.items():
+        value = args[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (value is None and name not in required or number and ok(value)):
             raise ValueError(f"{name} must be {allowed} (got {value!r})")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    integer = lambda v: number(v) and isinstance(v, int) and v >= 1
-    ensure(integer(num_steps), "num_steps", num_steps, "an integer >= 1")
-    ensure(integer(max_new_tokens), "max_new_tokens", max_new_tokens, "an integer >= 1")
-    for name, value in (("top_k", top_k), ("kv_budget", kv_budget), ("draft_steps", draft_steps),
-                        ("draft_tokens", draft_tokens)):
-        ensure(value is None or integer(value), name, value, "an integer >= 1")
-    ensure(number(temperature) and temperature > 0, "temperature", temperature, "a number > 0")
-    ensure(top_p is None or number(top_p) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]")
-    ensure(min_p is None or number(min_p) and 0 <= min_p <= 1, "min_p", min_p, "a number in [0, 1]")
-    ensure(exit_threshold is None or number(exit_threshold) and exit_threshold >= 0, "exit_threshold",
-           exit_threshold, "a number >= 0")
-    ensure((draft_steps is None) == (draft_tokens is None), "draft_tokens", draft_tokens, "given with draft_steps")
+    if (draft_steps is None) != (draft_tokens is None):
+        raise ValueError(f"draft_tokens must be given with draft_steps (got {draft_tokens!r})")
     if draft_steps is not None and (exit_threshold is not None or warm_start):
         raise ValueError("speculative decoding (draft_steps) cannot take exit_threshold or warm_start: its "
                          "verification pass runs several tokens at one depth, each from s_0")
 
 
 def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
-    """The distribution generate() samples from, over the last dim: softmax(logits / temperature) cut to the
-    top_k tokens, to the fewest whose probability reaches top_p (nucleus) and to those at least min_p times
-    as likely as the most likely, renormalized."""
+    """The distribution generate() samples from: softmax(logits / temperature) over the last dim, cut to the top_k
+    tokens, the fewest whose probability reaches top_p and those >= min_p times the likeliest's, renormalized."""
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
@@ -191,7 +177,6 @@ def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
 
 
 class RecurrentGPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -217,16 +202,12 @@ class RecurrentGPT(nn.Module):
         std = math.sqrt(2 / (5 * cfg.n_embd))
         out_std = std / math.sqrt(2 * (cfg.n_prelude + cfg.n_coda + cfg.n_core * cfg.mean_recurrence))
         for name, p in self.named_parameters():
-            if name.endswith((".qk_bias", ".log_slopes")):
-                continue  # made with their initial values
-            elif p.dim() == 1:  # norm weights
-                nn.init.ones_(p)
-            else:
-                s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
-                nn.init.trunc_normal_(p, 0.0, s, -3 * s, 3 * s)
-                if name.endswith("mlp.fc.weight"):  # as in the release, the gate's linear half is scaled too
-                    h = cfg.intermediate_size
-                    nn.init.trunc_normal_(p[h:], 0.0, out_std, -3 * out_std, 3 * out_std)
+            if p.dim() == 1 or name.endswith(".qk_bias"):
+                continue  # norm weights, qk_bias and ALiBi's slopes keep the values they were made with
+            s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
+            nn.init.trunc_normal_(p, 0.0, s, -3 * s, 3 * s)
+            if name.endswith("mlp.fc.weight"):  # as in the release, the gate's linear half is scaled too
+                nn.init.trunc_normal_(p[cfg.intermediate_size:], 0.0, out_std, -3 * out_std, 3 * out_std)
 
     @classmethod
     def from_huginn(cls, path, device=None, dtype=None):
@@ -240,25 +221,25 @@ class RecurrentGPT(nn.Module):
 
     # ---- the three stages ----
 
-    def rope_at(self, pos):
-        """The RoPE table's rows at positions pos (a slice, (T,) or (B, T)), shaped for apply_rope; None without RoPE."""
-        return self.rope_table[pos][..., None, None, :, :] if self.config.pos_encoding == "rope" else None
-
-    def embed(self, idx, rope, cache=None):
-        """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks."""
-        if idx.size(1) > self.config.block_size:
-            raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
+    def embed(self, idx, cache=None):
+        """The prelude P: token embedding scaled by sqrt(n_embd), then the prelude blocks. Returns e and the RoPE
+        table's rows at the tokens' positions, shaped for apply_rope (None without RoPE), which every block takes."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = slice(T) if cache is None else cache.positions(T)
+        rope = self.rope_table[pos][..., None, None, :, :] if self.config.pos_encoding == "rope" else None
         x = self.wte(idx) * math.sqrt(self.config.n_embd)
         for block in self.prelude:
             x = block(x, rope, cache)
-        return x
+        return x, rope
 
     def initial_state(self, e):
         """s_0 for the recurrence, read from config.state_init at call time (eval.py switches it to zero)."""
         if self.config.state_init == "zero":
             return torch.zeros_like(e)
         if self.config.state_init != "like-init":
-            raise ValueError(f"state_init must be 'like-init' or 'zero' (got {self.config.state_init!r})")
+            raise ValueError(f"state_init must be one of ('like-init', 'zero') (got {self.config.state_init!r})")
         std = math.sqrt(2 / (5 * self.config.n_embd))
         s = nn.init.trunc_normal_(torch.empty(e.shape, device=e.device), 0.0, std, -3 * std, 3 * std)
         return (s * math.sqrt(self.config.n_embd)).to(e.dtype)
@@ -282,8 +263,7 @@ class RecurrentGPT(nn.Module):
         (None without targets). num_steps: None (training: drawn by sample_num_steps; eval: mean_recurrence),
         an int r (gradients through the last min(r, backprop_depth) iterations) or a pair (n_no_grad, n_grad)."""
         n_no_grad, n_grad = self.split_num_steps(num_steps)
-        rope = self.rope_at(slice(idx.size(1)))
-        e = self.embed(idx, rope)
+        e, rope = self.embed(idx)
         s = self.initial_state(e)
         with torch.no_grad():  # truncated backprop: the first iterations build no graph, so memory stays flat
             for _ in range(n_no_grad):
@@ -292,22 +272,18 @@ class RecurrentGPT(nn.Module):
             s = (checkpoint(self.core_iteration, s, e, rope, use_reentrant=False) if self.activation_checkpointing
                  else self.core_iteration(s, e, rope))
         logits = self.coda_head(s, rope)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     def split_num_steps(self, num_steps):
         """forward's num_steps as (n_no_grad, n_grad)."""
-        if num_steps is None:
-            if self.training:
-                return self.sample_num_steps()
-            num_steps = self.config.mean_recurrence
+        if num_steps is None and self.training:
+            return self.sample_num_steps()
         if isinstance(num_steps, (tuple, list)):
             if min(num_steps) < 0 or sum(num_steps) < 1:
-                raise ValueError(f"num_steps as a pair (n_no_grad, n_grad) needs both >= 0 and a sum >= 1 "
-                                 f"(got {tuple(num_steps)})")
+                raise ValueError(f"num_steps as (n_no_grad, n_grad) needs both >= 0, sum >= 1 (got {tuple(num_steps)})")
             return tuple(num_steps)
+        num_steps = self.config.mean_recurrence if num_steps is None else num_steps
         check_sampling(num_steps)
         n_grad = min(num_steps, self.config.backprop_depth)
         return num_steps - n_grad, n_grad
@@ -321,9 +297,7 @@ class RecurrentGPT(nn.Module):
         sigma = 0.5
         mu = math.log(self.config.mean_recurrence) - sigma ** 2 / 2
         lam = torch.empty(1).log_normal_(mu, sigma, generator=generator)
-        r = int(torch.poisson(lam, generator=generator).item()) + 1
-        n_grad = min(r, self.config.backprop_depth)
-        return r - n_grad, n_grad
+        return self.split_num_steps(int(torch.poisson(lam, generator=generator).item()) + 1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; matrices (embedding included) decay, norm weights and qk_bias do not."""
@@ -334,22 +308,14 @@ class RecurrentGPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def estimate_flops(self, batch_size, seq_len, n_no_grad, n_grad):
-        """FLOPs of one training step (forward + backward) at the depth actually run, matmuls only.
-        With N = batch_size * seq_len tokens, T = seq_len, d = n_embd, h = intermediate_size, V = vocab_size:
-
-            block   = N (8 d^2 + 6 d h) + 4 N T d   Wqkv 6Nd^2, proj 2Nd^2, MLP 6Ndh; QK^T and AV 2NTd each
-                                                    (the full T x T, as FlopCounterMode and nanoGPT count)
-            core    = n_core * block + 4 N d^2      the adapter (2d -> d) and the core blocks, one iteration
-            head    = 2 N d V                       the tied lm_head
-            forward = (n_prelude + n_coda) block + (n_no_grad + n_grad) core + head
-            backward = 2 ((n_prelude block if n_grad > 0) + n_grad core + n_coda block + head)
-
-        A backward costs twice its forward (input and weight gradients); the no-grad iterations have none."""
+        """FLOPs of one training step (forward + backward) at the depth run, matmuls only. A backward costs twice
+        its forward (input and weight gradients); no-grad iterations have none, the prelude one only if n_grad > 0."""
         cfg = self.config
-        N, d, h = batch_size * seq_len, cfg.n_embd, cfg.intermediate_size
+        N, d, h = batch_size * seq_len, cfg.n_embd, cfg.intermediate_size  # N tokens
+        # a block: Wqkv 6Nd^2, proj 2Nd^2, gated MLP 6Ndh, QK^T and AV 2NTd each (all T x T, as FlopCounterMode)
         block = N * (8 * d * d + 6 * d * h) + 4 * N * seq_len * d
-        core = cfg.n_core * block + 4 * N * d * d
-        head = 2 * N * d * cfg.vocab_size
+        core = cfg.n_core * block + 4 * N * d * d  # and the adapter (2d -> d)
+        head = 2 * N * d * cfg.vocab_size  # the tied lm_head
         forward = (cfg.n_prelude + cfg.n_coda) * block + (n_no_grad + n_grad) * core + head
         backward = 2 * ((cfg.n_prelude * block if n_grad else 0) + n_grad * core + cfg.n_coda * block + head)
         return forward + backward
@@ -360,32 +326,25 @@ class RecurrentGPT(nn.Module):
     def forward_cached(self, idx, cache, num_steps, exit_threshold=None, state=None):
         """Run the next tokens idx (B, T) through the model, reading and writing the KVCache. Returns the logits
         at every new position (B, T, vocab_size), the iterations each row used (B,) and each row's final latent
-        at the last position, normed by ln_f as it enters the coda (B, 1, n_embd): the release warm-starts the
-        next token from this normed state."""
+        at the last position as ln_f norms it for the coda (B, 1, n_embd): the release warm-starts from it."""
         B, T = idx.shape
-        rope = self.rope_at(cache.positions(T))
-        e = self.embed(idx, rope, cache)
+        e, rope = self.embed(idx, cache)
         s = self.initial_state(e) if state is None else state
-        steps = torch.full((B,), num_steps, dtype=torch.long, device=idx.device)
-        active = None if exit_threshold is None else torch.ones(B, dtype=torch.bool, device=idx.device)
-        logp = None
+        steps, logp = torch.full((B,), num_steps, dtype=torch.long, device=idx.device), None
         for i in range(num_steps):
-            cache.active = active
+            active = cache.active = None if exit_threshold is None else steps > i  # exited rows stop writing
             s_next = self.core_iteration(s, e, rope, cache, i)
             s = s_next if active is None else torch.where(active[:, None, None], s_next, s)  # exited rows keep theirs
             if active is None:
                 continue
-            # adaptive exit: compare the distributions of successive iterations, row by row, at every new
-            # position: a long prompt's last answer can stand still while earlier positions still move
+            # adaptive exit, judged at every new position: a prompt's last answer can settle before the others
             logp_prev, logp = logp, F.log_softmax(self.coda_head(s, rope, cache), dim=-1)
             if logp_prev is not None:
                 kl = (logp_prev.exp() * (logp_prev - logp)).sum(-1)  # (B, T): KL(previous || current)
                 if cache.valid is not None:  # left padding is no part of the prompt
                     kl = kl.masked_fill(~cache.valid[:, cache.pos:cache.pos + T], 0)
-                exited = active & (kl.amax(-1) < exit_threshold)
-                steps[exited] = i + 1
-                active = active & ~exited
-                if not active.any():
+                steps[active & (kl.amax(-1) < exit_threshold)] = i + 1
+                if not (steps > i + 1).any():
                     break
         cache.active = None
         logits = self.coda_head(s, rope, cache) if exit_threshold is None else logp  # log-probabilities under exit
@@ -399,24 +358,15 @@ class RecurrentGPT(nn.Module):
         """Sample max_new_tokens tokens after idx (B, T), or after each prompt of a list of 1-D LongTensors
         (left-padded into one batch; each gets exactly what generating it alone gives). Returns the tokens,
         prompt included ((B, T + max_new_tokens), or a list for a list), and with return_steps also the
-        iterations each new token used (B, max_new_tokens).
-
-        num_steps       iterations of the core block per token (default mean_recurrence)
-        top_k, top_p, min_p  sample among the top_k most likely tokens, the fewest whose probabilities reach
-                        top_p, and those at least min_p times as likely as the most likely (sampling_probs)
-        exit_threshold  adaptive exit: a row stops iterating once the KL divergence between the next-token
-                        distributions of two successive iterations is below it (so >= 2 iterations); the
-                        prompt exits too, once every one of its positions is below it
+        iterations each new token used (B, max_new_tokens). num_steps: iterations per token (default
+        mean_recurrence); temperature, top_k, top_p, min_p: sampling_probs; on_token(new): streams each block.
+        exit_threshold  adaptive exit: a row stops iterating once the KL divergence between two successive
+                        iterations' next-token distributions is below it (>= 2; a prompt: at every position)
         kv_budget       at most this many iteration slots per core layer in the cache (KV-cache sharing)
-        warm_start      start each token's state from the previous token's final state, normed by ln_f
-                        (continuous CoT)
-        draft_steps, draft_tokens  self-speculative decoding (speculate): the same tokens as plain decoding
-                        (greedy, with a zero s_0), or the same distribution (sampled), in fewer passes at num_steps
-        on_token        called with each new block of tokens (B, n) as it is sampled (streaming): one column,
-                        or the tokens one round of speculative decoding keeps
-
-        The cache is allocated once for prompt + max_new_tokens, which must fit in block_size: unlike
-        nanoGPT, which crops the context, this raises a ValueError (a crop would mean rebuilding the cache)."""
+        warm_start      start each token's state from the previous token's final state (continuous CoT)
+        draft_steps, draft_tokens  self-speculative decoding (speculate): plain decoding's tokens (greedy with a
+                        zero s_0) or distribution (sampled), in fewer passes at num_steps
+        prompt + max_new_tokens must fit in block_size: the cache is allocated once, so no crop as in nanoGPT."""
         num_steps = self.config.mean_recurrence if num_steps is None else num_steps
         check_sampling(num_steps, max_new_tokens, temperature, top_k, top_p, min_p, exit_threshold, kv_budget,
                        warm_start, draft_steps, draft_tokens)
@@ -424,9 +374,8 @@ class RecurrentGPT(nn.Module):
         if prompts is not None:
             if not prompts or any(p.dim() != 1 or len(p) == 0 for p in prompts):
                 raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
-            lengths = torch.tensor([len(p) for p in prompts], device=self.rope_table.device)  # left-padded:
-            valid = torch.arange(int(lengths.max()), device=lengths.device) >= lengths.max() - lengths[:, None]
-            idx = torch.zeros_like(valid, dtype=torch.long).masked_scatter_(valid, torch.cat(prompts).to(valid.device))
+            T = max(len(p) for p in prompts)
+            idx = torch.stack([F.pad(p, (T - len(p), 0)) for p in prompts]).to(self.rope_table.device)  # left-padded
         B, T = idx.shape
         if T == 0:
             raise ValueError("the prompt is empty: give at least one token")
@@ -436,9 +385,9 @@ class RecurrentGPT(nn.Module):
         if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (got {int(idx.min())}.."
                              f"{int(idx.max())})")
-        valid = None if prompts is None else F.pad(valid, (0, max_new_tokens), value=True)
+        n_pad = None if prompts is None else torch.tensor([T - len(p) for p in prompts], device=idx.device)
         n_slots = min(kv_budget or num_steps, num_steps)  # one per iteration, or kv_budget shared ones
-        cache = KVCache(self.config, B, T + max_new_tokens, n_slots, valid, idx.device, self.wte.weight.dtype)
+        cache = KVCache(self.config, B, T + max_new_tokens, n_slots, n_pad, idx.device, self.wte.weight.dtype)
         steps = torch.full((B, max_new_tokens), num_steps, dtype=torch.long, device=idx.device)
         probs = lambda logits: sampling_probs(logits, temperature, top_k, top_p, min_p)
         x, state, n = idx, None, 0  # x: the tokens not yet in the cache
@@ -457,12 +406,11 @@ class RecurrentGPT(nn.Module):
         return (out, steps) if return_steps else out
 
     def speculate(self, x, cache, num_steps, draft_steps, n_draft, probs):
-        """One round of self-speculative decoding after the token x (B, 1): the model drafts n_draft tokens one
-        at a time at draft_steps iterations, then checks them all in one pass at num_steps, keeping each draft
-        with probability min(1, p/q) (p, q: its probability at num_steps and at draft_steps) and, at the first
-        rejection, drawing from max(0, p - q) normalized instead: the tokens are distributed as sampling at
-        num_steps (Leviathan et al. 2023), and are its tokens under greedy decoding. The rows share the cache's
-        position, so a batch keeps the prefix all its rows accepted. Returns 1 to n_draft + 1 new tokens (B, n)."""
+        """One round of self-speculative decoding after the token x (B, 1): draft n_draft tokens one at a time at
+        draft_steps, check them in one pass at num_steps, keep each with probability min(1, p/q) (p, q: its
+        probability at num_steps, at draft_steps) and at the first rejection draw from max(0, p - q) instead: the
+        tokens are distributed as sampling at num_steps (Leviathan et al. 2023). The rows share the cache's
+        position, so a batch keeps the prefix all its rows accepted. Returns 1 to n_draft + 1 tokens (B, n)."""
         start, tokens, q = cache.pos, [x], []
         for _ in range(n_draft):  # a draft token reads the entries of full depth that the kept tokens left
             q.append(probs(self.forward_cached(tokens[-1], cache, draft_steps)[0][:, -1]))
@@ -484,12 +432,10 @@ class RecurrentGPT(nn.Module):
 
     @torch.no_grad()
     def trace(self, idx, num_steps):
-        """A logit lens on the recurrence: yields (logits (B, T, vocab_size), latent (B, T, n_embd)) after
-        every iteration, the latent decoded through ln_f, the coda and the head. One iteration at a time, so
-        a caller keeps only what it needs: every logit of long games over hundreds of iterations is gigabytes."""
+        """A logit lens on the recurrence: yields (logits (B, T, vocab_size), latent (B, T, n_embd)) after every
+        iteration, one at a time: a caller keeps what it needs (all the logits of long games are gigabytes)."""
         check_sampling(num_steps)
-        rope = self.rope_at(slice(idx.size(1)))
-        e = self.embed(idx, rope)
+        e, rope = self.embed(idx)
         s = self.initial_state(e)
         for _ in range(num_steps):
             s = self.core_iteration(s, e, rope)
@@ -497,20 +443,18 @@ class RecurrentGPT(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for generate(). Prelude and coda layers keep one row each; every core
-    layer keeps one row per iteration slot, iteration i writing slot i % n_slots. With n_slots = num_steps
-    each iteration has its own entry and a token decoded at iteration i attends to the earlier tokens'
-    iteration i (the paper's per-iteration cache); fewer slots share them (KV-cache sharing), so memory
-    stops growing with num_steps."""
+    """Preallocated keys and values for generate(): a row per prelude and coda layer, n_slots rows per core layer
+    (iteration i writes slot i % n_slots). n_slots = num_steps is the paper's per-iteration cache (a token at
+    iteration i attends to the earlier tokens' iteration i); fewer slots are shared (KV-cache sharing)."""
 
-    def __init__(self, config, batch_size, max_len, n_slots, valid=None, device=None, dtype=None):
+    def __init__(self, config, batch_size, max_len, n_slots, n_pad=None, device=None, dtype=None):
         self.n_fixed, self.n_core, self.n_slots = config.n_prelude + config.n_coda, config.n_core, n_slots
         self.k = torch.zeros(self.shape(config, batch_size, max_len, n_slots), device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.pos = 0         # tokens written so far (speculate moves it back past rejected drafts)
         self.active = None   # (B,) bool under adaptive exit: rows that exited stop writing
-        self.valid = valid   # (B, max_len) bool, False at left padding; None when nothing is padded
-        self.n_pad = None if valid is None else (~valid).sum(1)
+        self.n_pad = n_pad   # (B,) left padding of each row; None when nothing is padded
+        self.valid = None if n_pad is None else torch.arange(max_len, device=device) >= n_pad[:, None]
 
     @staticmethod
     def shape(config, batch_size, max_len, n_slots):
@@ -521,18 +465,16 @@ class KVCache:
     def positions(self, T):
         """RoPE positions of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
         pos = torch.arange(self.pos, self.pos + T, device=self.k.device)
-        return pos if self.valid is None else (pos - self.n_pad[:, None]).clamp(min=0)
+        return pos if self.n_pad is None else (pos - self.n_pad[:, None]).clamp(min=0)
 
     def update(self, layer_id, iteration, k, v):
         """Store k, v (B, H, T, hd) of the next T tokens; return every key and value so far and the mask."""
         row = layer_id if layer_id < self.n_fixed else layer_id + (iteration % self.n_slots) * self.n_core
         p, T = self.pos, k.size(2)
-        if self.active is not None:  # a row that exited keeps the entry of its last iteration
-            keep = ~self.active.view(-1, 1, 1, 1)
-            k = torch.where(keep, self.k[row, :, :, p:p + T], k)
-            v = torch.where(keep, self.v[row, :, :, p:p + T], v)
-        self.k[row, :, :, p:p + T] = k
-        self.v[row, :, :, p:p + T] = v
+        for buf, new in ((self.k, k), (self.v, v)):
+            if self.active is not None:  # a row that exited keeps the entry of its last iteration
+                new = torch.where(self.active.view(-1, 1, 1, 1), new, buf[row, :, :, p:p + T])
+            buf[row, :, :, p:p + T] = new
         return self.k[row, :, :, :p + T], self.v[row, :, :, :p + T], self.attn_mask(T)
 
     def attn_mask(self, T):
@@ -543,17 +485,15 @@ class KVCache:
         causal = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(self.pos)
         if self.valid is None:
             return causal
-        keys = self.valid[:, None, None, :self.pos + T]
         pad_query = ~self.valid[:, None, self.pos:self.pos + T, None]  # sees itself, so its softmax is finite
-        return causal & (keys | pad_query)
+        return causal & (self.valid[:, None, None, :self.pos + T] | pad_query)
 
     def advance(self, T, steps=None):
         """Close the T tokens just written. A row that exited after e < n_slots iterations left slots e..
         empty: they get its last entry (slot e - 1), which is what later tokens read there."""
         if steps is not None and int(steps.min()) < self.n_slots:
-            p = self.pos
             src = torch.minimum(torch.arange(self.n_slots, device=steps.device)[:, None], steps - 1)
             for buf in (self.k, self.v):
-                core = buf[self.n_fixed:].unflatten(0, (self.n_slots, self.n_core))[..., p:p + T, :]
+                core = buf[self.n_fixed:].unflatten(0, (self.n_slots, self.n_core))[..., self.pos:self.pos + T, :]
                 core.copy_(core.gather(0, src[:, None, :, None, None, None].expand_as(core)))
         self.pos += T

@@ -284,8 +284,7 @@ def test_several_tokens_after_a_prefill_equal_one_full_forward(pos_encoding, pad
             p.add_(0.3 * torch.randn_like(p))
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
     n_pad = [0, 4] if padded else [0, 0]
-    valid = torch.arange(12) >= torch.tensor(n_pad)[:, None]
-    cache = model_module.KVCache(model.config, 2, 12, 3, valid if padded else None, dtype=torch.float64)
+    cache = model_module.KVCache(model.config, 2, 12, 3, torch.tensor(n_pad) if padded else None, dtype=torch.float64)
     model.forward_cached(idx[:, :5], cache, 3)
     logits = model.forward_cached(idx[:, 5:], cache, 3)[0]
     for b in range(2):
