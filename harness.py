@@ -173,16 +173,14 @@ class RecurrentLM(TemplateLM):
         return results
 
     def exit_logprobs(self, tokens, n):
-        """Log-probabilities (n, vocab) of the last n of tokens under adaptive exit, as generate() computes them:
-        the context in one pass through the cache (exit judged at all its positions), then one token at a time."""
-        idx = torch.tensor([tokens[:-1]], device=self.device)
-        dtype = self.model.wte.weight.dtype
-        cache = KVCache(self.model.config, 1, idx.size(1), self.num_steps, None, self.device, dtype)
-        starts = [0, *range(len(tokens) - n, len(tokens) - 1)]
-        ends = starts[1:] + [len(tokens) - 1]
-        return torch.cat([F.log_softmax(self.model.forward_cached(idx[:, a:b], cache, self.num_steps,
-                                                                   self.exit_threshold)[0][:, -1].float(), -1).cpu()
-                          for a, b in zip(starts, ends)])
+        """Log-probabilities (n, vocab) of the last n of tokens under adaptive exit, as generate() decides it: the
+        context in one forward_cached (exit judged at all its positions), then one token at a time. Its own walk:
+        generate() feeds back the tokens it samples, this the continuation's, each exiting on its own as decoded."""
+        model, idx = self.model, torch.tensor([tokens[:-1]], device=self.device)
+        cache = KVCache(model.config, 1, idx.size(1), self.num_steps, None, self.device, model.wte.weight.dtype)
+        chunks = idx.split([len(tokens) - n] + [1] * (n - 1), dim=1)  # the context, then each continuation token
+        logp = [model.forward_cached(x, cache, self.num_steps, self.exit_threshold)[0][:, -1] for x in chunks]
+        return F.log_softmax(torch.cat(logp).float(), -1).cpu()
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         """The log-likelihood of each whole text, in lm-eval's rolling windows of block_size tokens: every token

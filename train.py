@@ -263,19 +263,21 @@ if dry_run:  # the memory of a step, from the model's shape alone (on the meta d
         acts = [p["activations"] / scale for p in plan]
         print(f"{name:<22}" + "".join(f"{v:>9.2f}" for v in states) + f"{acts[0]:>10.2f} / {acts[1]:<5.2f}"
               + f"{sum(states) + acts[0]:>10.2f} / {sum(states) + acts[1]:<5.2f}")
-    # host memory of loading: each process of one process or DDP holds the float32 model (and maps a checkpoint,
-    # whose pages the node's processes share); FSDP holds one copy on the node (see the model section below)
-    whole, mapped = plan[0]["weights"], os.path.getsize(ckpt_path) if init_from == "resume" else 0
-    if init_from == "huginn":  # rank 0 alone reads the release, as stored
+    # host memory of loading at rank 0 / any other rank / a node of 8 (the model section below): each process holds
+    # the float32 model, plus a resumed checkpoint's mapped pages, which the node's processes share; FSDP with
+    # weights to load holds one copy on the node: the mapped checkpoint, or the release as stored, on rank 0 alone
+    whole = plan[0]["weights"]
+    mapped = os.path.getsize(ckpt_path) if init_from == "resume" else 0
+    ddp_host = fsdp_host = (whole + mapped, whole + mapped, 8 * whole + mapped)
+    if init_from == "resume":
+        fsdp_host = (mapped, mapped, mapped)
+    elif init_from == "huginn":
         stored = sum(os.path.getsize(os.path.join(huginn_dir, f)) for f in os.listdir(huginn_dir)
                      if f.endswith(".safetensors"))
-        sharded = (stored, 0, stored)
-    else:
-        sharded = (mapped, mapped, mapped) if init_from == "resume" else (whole, whole, 8 * whole)
-    rows = (("one process or DDP", (whole + mapped, whole + mapped, 8 * whole + mapped)), ("FSDP", sharded))
-    print(f"host memory of loading in {unit}, rank 0 / any other / a node of 8: " + "; ".join(
-        name + " " + " / ".join(f"{v / scale:.2f}" for v in values) for name, values in rows)
-        + " (on a CPU, plus each rank's shards)")
+        fsdp_host = (stored, 0, stored)
+    show = lambda host: " / ".join(f"{v / scale:.2f}" for v in host)
+    print(f"host memory of loading in {unit}, rank 0 / any other / a node of 8: one process or DDP {show(ddp_host)}; "
+          f"FSDP {show(fsdp_host)} (on a CPU, plus each rank's shards)")
     sys.exit(0)
 
 

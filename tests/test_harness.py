@@ -109,14 +109,22 @@ def test_generate_until_stops_at_the_stop_sequence(toy_lm):
 
 def test_adaptive_exit_scores_as_generate_decides(toy_lm):
     """Under exit_threshold=0 no row ever exits, so each token runs num_steps iterations: the scores equal the
-    plain forward's; a large threshold exits after two iterations and changes them."""
-    lm, _ = toy_lm
+    plain forward's; a large threshold exits after two iterations and changes them. In between, where some tokens
+    exit early, generate()'s greedy text is the greedy continuation: each token exits as decoding decided it (one
+    pass over the whole text, exit judged at all its positions at once, picks other tokens here)."""
+    lm, model = toy_lm
     pairs = [("3+4=", "7;"), ("1+1=2;5+", "5=10;")]
     plain = lm.loglikelihood(requests(*pairs))
     lm.exit_threshold = 0.0
     assert [p for p, _ in lm.loglikelihood(requests(*pairs))] == pytest.approx([p for p, _ in plain], abs=1e-4)
     lm.exit_threshold = 1e9
     assert lm.loglikelihood(requests(*pairs))[1][0] != pytest.approx(plain[1][0], abs=1e-3)
+    lm.exit_threshold = 0.1
+    for ctx in ("3+4=", "9"):
+        out, steps = model.generate(torch.tensor([[TOY_ITOS.index(c) for c in ctx]]), 12, num_steps=3, top_k=1,
+                                    exit_threshold=0.1, return_steps=True)
+        assert steps.min() == 2 and steps.max() == 3
+        assert lm.loglikelihood(requests((ctx, "".join(TOY_ITOS[i] for i in out[0, len(ctx):].tolist()))))[0][1]
 
 
 def test_shipped_shell_game_tasks_reproduce_eval_py(tmp_path):
