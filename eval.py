@@ -119,7 +119,7 @@ def read_games(model, prompts, answers, num_steps):
 def evaluate(model, sets, depths, progress):
     """Accuracy per difficulty after every iteration and under adaptive exit. The games of one length run
     together (no padding) and the recurrence runs once, to the deepest setting."""
-    results = {}
+    results, start = {}, time.time()
     for n, (prompts, answers) in sets.items():
         right, exit_right, exit_steps = [], [], []
         for i in range(0, len(prompts), batch_size):
@@ -138,7 +138,7 @@ def evaluate(model, sets, depths, progress):
                           exit_mean_steps=torch.cat(exit_steps).mean().item())
         r = results[n]  # a line per test set: long evaluations show their progress in a log file too
         progress.write(f"n={n}: best {r['best_accuracy']:.3f} at r={r['best_num_steps']}, adaptive exit "
-                       f"{r['exit_accuracy']:.3f} in {r['exit_mean_steps']:.1f} steps ({time.time() - t0:.0f} s)")
+                       f"{r['exit_accuracy']:.3f} in {r['exit_mean_steps']:.1f} steps ({time.time() - start:.0f} s)")
     return results
 
 
